@@ -1,0 +1,43 @@
+# Every target sets itself up from nothing: a fresh clone with Python 3.11 is enough.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_CPU := torch==2.13.0
+DEMO_OUT ?= demo_output
+
+.PHONY: setup demo test lint format clean
+
+setup: $(VENV)/.installed
+
+# The CPU wheel goes in first when no GPU is present: a bare `torch` requirement would pull a
+# multi-GB CUDA build. open-clip-torch is installed without its dependencies (torchvision, timm):
+# only its BPE vocabulary file is read, by tools/build_clip_tokenizer.py.
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet $(TORCH_CPU); fi
+	$(PIP) install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PIP) install --quiet --no-deps open-clip-torch==3.3.0
+	touch $@
+
+demo: setup
+	cd bundles/brain_t1_ldm && ../../$(PY) -m monai.bundle run --config_file configs/inference.json \
+		--output_dir ../../$(DEMO_OUT)/brain_t1_ldm --num_samples 4 --seed 0
+	@echo "Images, NIfTI volumes and JSON sidecars are in $(DEMO_OUT)/brain_t1_ldm"
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf $(VENV) dist $(DEMO_OUT) .pytest_cache .ruff_cache

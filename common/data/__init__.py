@@ -1,0 +1,1 @@
+"""Datasets, dict transforms and phantom generators."""

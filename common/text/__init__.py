@@ -1,0 +1,1 @@
+"""CLIP tokenizer, frozen text encoders and prompt transforms."""
