@@ -236,8 +236,8 @@ class PromptSamplingPrepareBatch(PrepareBatch):
         prompts = list(batchdata[self.prompt_key])
         context = self.prompt_encoder(prompts).to(device)
         uncond = self.prompt_encoder([self.empty_prompt] * len(prompts)).to(device)
-        # Only DDPM draws noise while sampling; seed it from the batch so runs repeat exactly.
-        generator = torch.Generator(device=noise.device).manual_seed(int(batchdata[self.seed_key][0]))
+        # Only DDPM draws noise while sampling: one generator per sample keeps an image a function of its seed.
+        generator = [torch.Generator(device=noise.device).manual_seed(int(s)) for s in batchdata[self.seed_key]]
         return noise, None, (), {"context": context, "uncond_context": uncond, "generator": generator}
 
 

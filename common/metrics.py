@@ -24,7 +24,7 @@ def ms_ssim_settings(image_size: Sequence[int], max_kernel: int = 11) -> dict[st
     limit = min(image_size) // (len(MS_SSIM_WEIGHTS) - 1) ** 2
     kernel = min(max_kernel, limit if limit % 2 else limit - 1)
     if kernel < 3:
-        raise ValueError(f"Images of size {tuple(image_size)} are too small for 5-scale MS-SSIM (need >= 64).")
+        raise ValueError(f"Images of size {tuple(image_size)} are too small for 5-scale MS-SSIM (need >= 48).")
     return {"kernel_size": kernel, "kernel_sigma": 1.5 * kernel / 11, "weights": MS_SSIM_WEIGHTS}
 
 

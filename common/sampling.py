@@ -125,7 +125,7 @@ class GuidedLatentSampler(Inferer):
         network: torch.nn.Module,
         context: torch.Tensor,
         uncond_context: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Noise ``(B, c, h, w)`` + contexts ``(B, 77, D)`` -> denoised scaled latents ``(B, c, h, w)``."""
         self.scheduler.set_timesteps(self.num_inference_steps, device=noise.device)
@@ -144,10 +144,16 @@ class GuidedLatentSampler(Inferer):
                 )
                 pred_uncond, pred_cond = both.chunk(2)
                 pred = pred_uncond + scale * (pred_cond - pred_uncond)
-            if self.scheduler_name == "ddim":
-                latents, _ = self.scheduler.step(pred, int(t), latents, eta=self.eta, generator=generator)
+            kwargs = {"eta": self.eta} if self.scheduler_name == "ddim" else {}
+            if isinstance(generator, list | tuple):
+                latents = torch.cat(
+                    [
+                        self.scheduler.step(pred[i : i + 1], int(t), latents[i : i + 1], generator=g, **kwargs)[0]
+                        for i, g in enumerate(generator)
+                    ]
+                )
             else:
-                latents, _ = self.scheduler.step(pred, int(t), latents, generator=generator)
+                latents, _ = self.scheduler.step(pred, int(t), latents, generator=generator, **kwargs)
         return latents
 
     @torch.no_grad()
@@ -157,7 +163,7 @@ class GuidedLatentSampler(Inferer):
         network: torch.nn.Module,
         context: torch.Tensor,
         uncond_context: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Noise latents ``(B, c, h, w)`` -> images ``(B, C, H, W)``."""
         network.eval()

@@ -117,7 +117,7 @@ class CLIPPromptEncoder(nn.Module):
         if self.hidden_layer == -1:
             return out.last_hidden_state
         hidden = out.hidden_states[self.hidden_layer]
-        return self.text_model.text_model.final_layer_norm(hidden)
+        return getattr(self.text_model, "text_model", self.text_model).final_layer_norm(hidden)
 
     @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -129,7 +129,7 @@ class CLIPPromptEncoder(nn.Module):
         if missing:
             embeddings = self._encode(missing, device)
             if len(self._cache) + len(missing) > self.cache_size:
-                self._cache.clear()
+                self._cache = {p: self._cache[p] for p in prompts if p in self._cache}
             for prompt, emb in zip(missing, embeddings, strict=True):
                 self._cache[prompt] = emb
         return torch.stack([self._cache[p].to(device) for p in prompts])

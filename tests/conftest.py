@@ -1,0 +1,142 @@
+"""Shared fixtures: tiny MONAI networks and a tiny CLIP prompt encoder (CPU, a few ms per call)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+# One intra-op thread: the tiny networks gain nothing from more, and on a busy machine the thread pool's
+# spin-waiting makes each forward pass 50x slower.
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO_ROOT / "bundles" / "brain_t1_ldm" / "models" / "tokenizer"
+
+IMAGE_SIZE = (16, 16)  # tiny images; the autoencoder below downsamples x2
+LATENT_CHANNELS = 3
+CONTEXT_DIM = 32  # hidden size of the tiny text tower = UNet cross-attention dim
+
+
+def make_autoencoder(channels: tuple[int, ...] = (8, 8), seed: int = 0):
+    """Attention-free ``AutoencoderKL`` (norm groups must divide every channel count)."""
+    from monai.networks.nets import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=1,
+        channels=channels,
+        latent_channels=LATENT_CHANNELS,
+        num_res_blocks=1,
+        norm_num_groups=8,
+        attention_levels=(False,) * len(channels),
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+    )
+
+
+def make_unet(seed: int = 0):
+    """Text-conditioned ``DiffusionModelUNet`` on the latents of :func:`make_autoencoder`."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    torch.manual_seed(seed)
+    unet = DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        channels=(8, 8),
+        num_res_blocks=1,
+        attention_levels=(False, True),
+        num_head_channels=(0, 8),
+        with_conditioning=True,
+        cross_attention_dim=CONTEXT_DIM,
+        norm_num_groups=8,
+    )
+    # MONAI zero-initialises the output convolutions (a fresh UNet predicts 0 whatever its inputs): give
+    # those weights random values so that outputs depend on latents, timesteps and context.
+    with torch.no_grad():
+        for p in unet.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.1)
+    return unet.eval()
+
+
+def make_text_model(seed: int = 0):
+    from common.text.encoder import build_clip_text_model
+
+    torch.manual_seed(seed)
+    return build_clip_text_model(hidden_size=CONTEXT_DIM, num_hidden_layers=1, num_attention_heads=2)
+
+
+@functools.cache
+def _cached_tokenizer(path: str):
+    from common.text.tokenizer import load_clip_tokenizer
+
+    return load_clip_tokenizer(path)
+
+
+def make_prompt_encoder(hidden_layer: int = -1, seed: int = 0, text_model=None, **kwargs):
+    """``CLIPPromptEncoder`` on the shipped tokenizer (loaded once per session: it takes ~1 s)."""
+    from common.text.encoder import CLIPPromptEncoder
+
+    text_model = make_text_model(seed) if text_model is None else text_model
+    with mock.patch("common.text.encoder.load_clip_tokenizer", _cached_tokenizer):
+        return CLIPPromptEncoder(str(TOKENIZER_DIR), text_model, hidden_layer=hidden_layer, **kwargs)
+
+
+@pytest.fixture
+def tokenizer_dir() -> Path:
+    return TOKENIZER_DIR
+
+
+@pytest.fixture
+def autoencoder():
+    return make_autoencoder()
+
+
+@pytest.fixture
+def latent_space(autoencoder):
+    from common.latent import ScaledLatentSpace
+
+    return ScaledLatentSpace(autoencoder, scale_factor=0.5)
+
+
+@pytest.fixture
+def unet():
+    return make_unet()
+
+
+@pytest.fixture
+def text_model():
+    return make_text_model()
+
+
+@pytest.fixture
+def prompt_encoder():
+    """A fresh encoder per test (its prompt cache is state)."""
+    return make_prompt_encoder()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.rand((2, 1, *IMAGE_SIZE), generator=torch.Generator().manual_seed(0))
+
+
+class CallRecorder(torch.nn.Module):
+    """Wraps a network and records the batch size and context of each call."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.batch_sizes: list[int] = []
+        self.contexts: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        self.batch_sizes.append(x.shape[0])
+        self.contexts.append(context)
+        return self.network(x, timesteps=timesteps, context=context)
