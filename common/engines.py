@@ -53,6 +53,11 @@ class AutoencoderKLTrainer(AdversarialTrainer):
         self.adversarial_weight = adversarial_weight
         self.adversarial_start_epoch = adversarial_start_epoch
 
+    def _complete_state_dict_user_keys(self) -> None:
+        # The core trainer adds the networks and optimisers themselves to its state dict, which pickles whole
+        # modules into checkpoints (unloadable with weights_only=True). Checkpoints save them separately.
+        return None
+
     def adversarial_active(self) -> bool:
         return self.adversarial_weight > 0 and self.state.epoch >= self.adversarial_start_epoch
 
