@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import pickle
 import re
 import zipfile
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def sha256sum(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -62,15 +65,17 @@ _STEP = re.compile(r"=(\d+)\.pt$")
 
 
 def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "") -> str | None:
-    """The newest ``{prefix}*_checkpoint_*=N.pt`` in ``ckpt_dir`` by step ``N``, or ``None`` (fresh run)."""
+    """The newest complete ``{prefix}*checkpoint*=N.pt`` in ``ckpt_dir`` by step ``N``, or ``None`` (fresh run).
+
+    A run killed while writing a checkpoint can leave a truncated file; such files (not a complete zip
+    archive, as ``torch.save`` writes) are skipped with a warning and the previous checkpoint is used.
+    """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return None
     found = [(int(m.group(1)), p) for p in ckpt_dir.glob(f"{prefix}*checkpoint*.pt") if (m := _STEP.search(p.name))]
-    return str(max(found)[1]) if found else None
-
-
-def load_state(network: torch.nn.Module, state: dict[str, Any]) -> torch.nn.Module:
-    """``network.load_state_dict(state)`` (strict) returning the network, for config expressions."""
-    network.load_state_dict(state)
-    return network
+    for _, path in sorted(found, reverse=True):
+        if zipfile.is_zipfile(path):
+            return str(path)
+        logger.warning("Skipping incomplete checkpoint %s (interrupted while saving).", path)
+    return None

@@ -208,8 +208,9 @@ def test_full_size_overlay_builds_reference_networks():
 )
 def test_bad_inference_input_fails_before_writing(override, message, tmp_path):
     out = tmp_path / "out"
+    knobs = {"num_inference_steps": 2, "progress": False, **override}
     with pytest.raises(Exception) as info:
-        wf = workflow("inference.json", "infer", output_dir=str(out), num_inference_steps=2, progress=False, **override)
+        wf = workflow("inference.json", "infer", output_dir=str(out), **knobs)
         wf.run()
     text = "".join(str(e) for e in _chain(info.value))
     assert message in text
@@ -317,14 +318,8 @@ def test_torchrun_two_processes_on_cpu(phantoms, tmp_path):
     """DDP overlay on gloo: the two ranks see different slices and only rank 0 writes a checkpoint."""
     seen = tmp_path / "seen"
     overlay = tmp_path / "record.json"
-    overlay.write_text(
-        json.dumps(
-            {
-                "train#trainer#train_handlers": f"$@train#handlers + [tests.batch_recorder.BatchRecorder('{seen}')]",
-                "imports": ["$import tests.batch_recorder"],
-            }
-        )
-    )
+    recorder = f"__import__('tests.batch_recorder', fromlist=['BatchRecorder']).BatchRecorder('{seen}')"
+    overlay.write_text(json.dumps({"train#trainer#train_handlers": f"$@train#handlers + [{recorder}]"}))
     configs = json.dumps([str(CONFIGS / "train_autoencoder.json"), str(CONFIGS / "multi_gpu_train.json"), str(overlay)])
     args = [
         PY,
