@@ -79,3 +79,9 @@ def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "") -> str | None:
             return str(path)
         logger.warning("Skipping incomplete checkpoint %s (interrupted while saving).", path)
     return None
+
+
+def load_state(network: torch.nn.Module, state: dict[str, Any]) -> torch.nn.Module:
+    """``network.load_state_dict(state)`` (strict) returning the network, for config expressions."""
+    network.load_state_dict(state)
+    return network

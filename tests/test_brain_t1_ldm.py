@@ -318,8 +318,14 @@ def test_torchrun_two_processes_on_cpu(phantoms, tmp_path):
     """DDP overlay on gloo: the two ranks see different slices and only rank 0 writes a checkpoint."""
     seen = tmp_path / "seen"
     overlay = tmp_path / "record.json"
-    recorder = f"__import__('tests.batch_recorder', fromlist=['BatchRecorder']).BatchRecorder('{seen}')"
-    overlay.write_text(json.dumps({"train#trainer#train_handlers": f"$@train#handlers + [{recorder}]"}))
+    overlay.write_text(
+        json.dumps(
+            {
+                "batch_recorder": {"_target_": "tests.batch_recorder.BatchRecorder", "out_dir": str(seen)},
+                "train#trainer#train_handlers": "$@train#handlers + [@batch_recorder]",
+            }
+        )
+    )
     configs = json.dumps([str(CONFIGS / "train_autoencoder.json"), str(CONFIGS / "multi_gpu_train.json"), str(overlay)])
     args = [
         PY,
