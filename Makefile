@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_CPU := torch==2.13.0
 DEMO_OUT ?= demo_output
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format clean package verify
 
 setup: $(VENV)/.installed
 
@@ -24,12 +24,23 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: setup
 	cd bundles/brain_t1_ldm && ../../$(PY) -m monai.bundle run --config_file configs/inference.json \
 		--output_dir ../../$(DEMO_OUT)/brain_t1_ldm --num_samples 4 --seed 0
-	@echo "Images, NIfTI volumes and JSON sidecars are in $(DEMO_OUT)/brain_t1_ldm"
+	cd bundles/flair_to_t1_controlnet && ../../$(PY) -m monai.bundle run --config_file configs/inference.json \
+		--output_dir ../../$(DEMO_OUT)/flair_to_t1_controlnet --seed 0
+	@echo "Images, NIfTI volumes and JSON sidecars are in $(DEMO_OUT)/brain_t1_ldm and $(DEMO_OUT)/flair_to_t1_controlnet"
 
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) tools/verify_bundles.py
 	$(PY) -m pytest -q
+
+# dist/<bundle>_v<version>.zip for every bundle (zoo layout, common/ vendored, reproducible) and dist/model_info.json.
+package: setup
+	$(PY) tools/package_bundles.py
+
+# Metadata schema, config properties, network in/out + TorchScript, large-file hashes of every bundle.
+verify: setup
+	$(PY) tools/verify_bundles.py
 
 lint: setup
 	$(PY) -m ruff check .

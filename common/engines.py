@@ -216,10 +216,12 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
 
 
 class PromptSamplingPrepareBatch(PrepareBatch):
-    """Batch of sample requests -> ``(noise, None, (), {"context", "uncond_context"})`` for a guided sampler.
+    """Batch of sample requests -> ``(noise, label, (), {"context", "uncond_context", "generator", ...})``.
 
     ``noise`` ``(B, c, h, w)`` comes from the ``SeededNoised`` transform; the unconditional context is
     the embedding of the empty prompt, which is what training's prompt dropout taught the model.
+    ``label`` is ``batch[label_key]`` (e.g. the true image when evaluating a translation) or ``None``.
+    ``condition_keys`` maps extra sampler arguments to batch keys, e.g. ``{"controlnet_cond": "flair"}``.
     """
 
     def __init__(
@@ -229,12 +231,16 @@ class PromptSamplingPrepareBatch(PrepareBatch):
         prompt_key: str = "prompt",
         seed_key: str = "seed",
         empty_prompt: str = "",
+        label_key: str | None = None,
+        condition_keys: Mapping[str, str] | None = None,
     ) -> None:
         self.prompt_encoder = prompt_encoder
         self.seed_key = seed_key
         self.noise_key = noise_key
         self.prompt_key = prompt_key
         self.empty_prompt = empty_prompt
+        self.label_key = label_key
+        self.condition_keys = dict(condition_keys or {})
 
     def __call__(self, batchdata: Mapping[str, Any], device=None, non_blocking: bool = False, **kwargs: Any):
         noise = batchdata[self.noise_key].to(device=device, non_blocking=non_blocking, **kwargs)
@@ -243,7 +249,14 @@ class PromptSamplingPrepareBatch(PrepareBatch):
         uncond = self.prompt_encoder([self.empty_prompt] * len(prompts)).to(device)
         # Only DDPM draws noise while sampling: one generator per sample keeps an image a function of its seed.
         generator = [torch.Generator(device=noise.device).manual_seed(int(s)) for s in batchdata[self.seed_key]]
-        return noise, None, (), {"context": context, "uncond_context": uncond, "generator": generator}
+        label = None
+        if self.label_key is not None:
+            label = batchdata[self.label_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        extra = {
+            name: batchdata[key].to(device=device, non_blocking=non_blocking, **kwargs)
+            for name, key in self.condition_keys.items()
+        }
+        return noise, label, (), {"context": context, "uncond_context": uncond, "generator": generator, **extra}
 
 
 class ReconstructionInferer(Inferer):

@@ -132,3 +132,14 @@ class SchedulerSettings:
         if kind not in kinds:
             raise ValueError(f"Unknown scheduler '{kind}': choose one of {sorted(kinds)}.")
         return kinds[kind](clip_sample=False, **self.values)
+
+
+def freeze_encoder(autoencoder: torch.nn.Module) -> torch.nn.Module:
+    """Turn off gradients of an ``AutoencoderKL``'s encoder side (encoder, ``quant_conv_mu``/``_log_sigma``).
+
+    Fine-tuning only the decoder keeps the latent space, so diffusion models and ControlNets trained on
+    it stay valid. Returns the autoencoder.
+    """
+    for name in ("encoder", "quant_conv_mu", "quant_conv_log_sigma"):
+        getattr(autoencoder, name).requires_grad_(False)
+    return autoencoder

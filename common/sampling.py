@@ -62,6 +62,17 @@ def sample_requests(prompt: str, num_samples: int, seed: int, max_prompt_chars: 
     return [{"prompt": prompt, "seed": seed + i, "index": i} for i in range(num_samples)]
 
 
+def with_seeds(items: Sequence[Mapping[str, Any]], seed: int, prompt: str | None = None) -> list[dict[str, Any]]:
+    """Copies of ``items`` with ``"seed": seed + i``, so that evaluating item ``i`` is reproducible on its own.
+
+    A ``prompt`` other than ``None`` is added to every item as ``"prompt"`` (one prompt for a whole split).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
+    extra = {} if prompt is None else {"prompt": str(prompt)}
+    return [{**item, **extra, "seed": seed + i} for i, item in enumerate(items)]
+
+
 class SeededNoised(MapTransform):
     """Add ``noise``: a standard normal tensor of ``shape`` drawn from ``torch.Generator(seed)``.
 
@@ -126,8 +137,12 @@ class GuidedLatentSampler(Inferer):
         context: torch.Tensor,
         uncond_context: torch.Tensor,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        **model_kwargs: Any,
     ) -> torch.Tensor:
-        """Noise ``(B, c, h, w)`` + contexts ``(B, 77, D)`` -> denoised scaled latents ``(B, c, h, w)``."""
+        """Noise ``(B, c, h, w)`` + contexts ``(B, 77, D)`` -> denoised scaled latents ``(B, c, h, w)``.
+
+        ``model_kwargs`` (per-sample tensors ``(B, ...)``) go to :meth:`predict` at every step.
+        """
         self.scheduler.set_timesteps(self.num_inference_steps, device=noise.device)
         scale = self.guidance_scale
         latents = noise
@@ -136,11 +151,12 @@ class GuidedLatentSampler(Inferer):
             if scale in (0.0, 1.0):
                 ctx = uncond_context if scale == 0.0 else context
                 timesteps = t.expand(latents.shape[0]).to(latents.device)
-                pred = network(latents, timesteps=timesteps, context=ctx)
+                pred = self.predict(network, latents, timesteps, ctx, **model_kwargs)
             else:
                 timesteps = t.expand(2 * latents.shape[0]).to(latents.device)
-                both = network(
-                    torch.cat([latents, latents]), timesteps=timesteps, context=torch.cat([uncond_context, context])
+                doubled = {k: torch.cat([v, v]) for k, v in model_kwargs.items()}
+                both = self.predict(
+                    network, torch.cat([latents, latents]), timesteps, torch.cat([uncond_context, context]), **doubled
                 )
                 pred_uncond, pred_cond = both.chunk(2)
                 pred = pred_uncond + scale * (pred_cond - pred_uncond)
@@ -164,8 +180,15 @@ class GuidedLatentSampler(Inferer):
         context: torch.Tensor,
         uncond_context: torch.Tensor,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        **model_kwargs: Any,
     ) -> torch.Tensor:
         """Noise latents ``(B, c, h, w)`` -> images ``(B, C, H, W)``."""
         network.eval()
-        latents = self.sample_latents(inputs, network, context, uncond_context, generator)
+        latents = self.sample_latents(inputs, network, context, uncond_context, generator, **model_kwargs)
         return self.latent_space.decode(latents)
+
+    def predict(
+        self, network: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """One model output ``(B, c, h, w)`` for noisy ``latents`` at ``timesteps`` given ``context``."""
+        return network(latents, timesteps=timesteps, context=context)

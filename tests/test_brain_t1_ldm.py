@@ -16,6 +16,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from common.checkpoints import load_weights
 from common.data.brain_phantoms import PhantomGeometry, write_phantom_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +108,7 @@ def trained(phantoms, model_dir, tmp_path_factory) -> Path:
     assert ldm.check_properties() in (None, [])
     ldm.run()
     ldm.finalize()
-    weights = torch.load(model_dir / "diffusion_model.pt", weights_only=True)
+    weights = load_weights(model_dir / "diffusion_model.pt")
     assert set(weights) == {"unet", "latent", "scheduler"}
     assert weights["latent"]["scale_factor"] > 0
     assert weights["scheduler"]["prediction_type"] == "v_prediction"

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
 
+from common.checkpoints import load_weights
 from common.latent import ScaledLatentSpace, SchedulerSettings
 from tests.conftest import IMAGE_SIZE, LATENT_CHANNELS, make_autoencoder
 
@@ -93,14 +93,12 @@ def test_fit_scale_factor_replaces_a_known_value(autoencoder):
 
 
 @pytest.mark.parametrize("value", [0.3, None])
-def test_scale_factor_state_dict_round_trip(autoencoder, value):
+def test_scale_factor_state_dict_round_trip(autoencoder, value, tmp_path):
     state = ScaledLatentSpace(autoencoder, scale_factor=value).state_dict()
     assert state == {"scale_factor": value}
     # It travels inside checkpoints that inference loads with weights_only=True.
-    buffer = io.BytesIO()
-    torch.save({"latent_space": state}, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)["latent_space"]
+    torch.save({"latent_space": state}, tmp_path / "weights.pt")
+    loaded = load_weights(tmp_path / "weights.pt")["latent_space"]
     restored = ScaledLatentSpace(autoencoder, scale_factor=99.0)
     restored.load_state_dict(loaded)
     assert restored.scale_factor == value
@@ -147,12 +145,10 @@ def test_build_unknown_scheduler_raises():
         SchedulerSettings().build("pndm")
 
 
-def test_from_state_round_trip():
+def test_from_state_round_trip(tmp_path):
     original = SchedulerSettings(num_train_timesteps=200, beta_start=0.001, beta_end=0.01, prediction_type="epsilon")
-    buffer = io.BytesIO()
-    torch.save({"scheduler": original.state_dict()}, buffer)
-    buffer.seek(0)
-    restored = SchedulerSettings.from_state(torch.load(buffer, weights_only=True)["scheduler"])
+    torch.save({"scheduler": original.state_dict()}, tmp_path / "weights.pt")
+    restored = SchedulerSettings.from_state(load_weights(tmp_path / "weights.pt")["scheduler"])
     assert restored.state_dict() == original.state_dict()
     assert restored.build("ddim").num_train_timesteps == 200
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from monai.metrics import FIDMetric
 
+from common.checkpoints import load_weights
 from common.feature_extractors import (
     PHANTOM_TARGETS,
     FeatureExtractor,
@@ -160,7 +161,7 @@ def test_train_tool_writes_weights_only_checkpoint(tmp_path):
     finally:
         torch.use_deterministic_algorithms(False)  # the tool turns it on process-wide
     assert set(result["validation_r2"]) == set(PHANTOM_TARGETS)
-    state = torch.load(out, weights_only=True)
+    state = load_weights(out)
     assert state["targets"] == list(PHANTOM_TARGETS) and len(state["target_mean"]) == len(PHANTOM_TARGETS)
     features = build_feature_extractor("phantom", str(out))(torch.rand(2, 1, 32, 48))
     assert features.shape == (2, 8)
@@ -169,7 +170,7 @@ def test_train_tool_writes_weights_only_checkpoint(tmp_path):
 @pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="shipped feature network not trained yet")
 def test_shipped_weights_load_and_are_small():
     assert SHIPPED_WEIGHTS.stat().st_size < 1_000_000
-    state = torch.load(SHIPPED_WEIGHTS, weights_only=True)
+    state = load_weights(SHIPPED_WEIGHTS)
     assert state["targets"] == list(PHANTOM_TARGETS)
     features = build_feature_extractor("phantom", str(SHIPPED_WEIGHTS))(torch.rand(4, 1, 80, 112))
     assert features.shape == (4, 64) and torch.isfinite(features).all()

@@ -5,7 +5,7 @@ No pretrained feature network can be downloaded offline, so the project trains i
 fractions, WMH volume) from T1w slices of a phantom data set; its pooled 64-d embedding is the FID feature.
 Validation R^2 per target is reported after every epoch and the best epoch (highest mean validation R^2) is kept.
 
-Output (written atomically, loadable with ``torch.load(..., weights_only=True)``)::
+Output (written atomically, loadable with ``common.checkpoints.load_weights``)::
 
     {"feature_network": state_dict, "network_config": {"channels": [...], "depths": [...], "num_targets": K},
      "targets": [...], "target_mean": [...], "target_std": [...], "validation_r2": {target: R^2},

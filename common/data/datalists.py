@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,16 @@ DATA_HINT = (
 
 
 def load_datalist(
-    dataset_dir: str, key: str, filename: str = "datalist.json", limit: int | None = None
+    dataset_dir: str,
+    key: str,
+    filename: str = "datalist.json",
+    limit: int | None = None,
+    required_keys: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Entries of split ``key`` of ``dataset_dir/filename`` with paths made absolute; ``limit`` keeps the first N."""
+    """Entries of split ``key`` of ``dataset_dir/filename`` with paths made absolute; ``limit`` keeps the first N.
+
+    ``required_keys`` (e.g. ``["image", "flair"]`` for paired data) must be present in every entry.
+    """
     path = Path(dataset_dir) / filename
     if not path.is_file():
         raise FileNotFoundError(f"No datalist at {path}. {DATA_HINT}")
@@ -26,4 +34,11 @@ def load_datalist(
         raise ValueError(f"{path} has no '{key}' split: {err}. {DATA_HINT}") from err
     if not items:
         raise ValueError(f"The '{key}' split of {path} is empty. {DATA_HINT}")
+    for i, item in enumerate(items):
+        if missing := [k for k in required_keys if k not in item]:
+            raise ValueError(
+                f"Entry {i} of the '{key}' split of {path} has no {missing}: this bundle needs paired data "
+                f"({', '.join(required_keys)}). Phantoms are paired; for real data use "
+                "`tools/prepare_brain_mri.py --with_flair`."
+            )
     return items[:limit] if limit else items
