@@ -199,3 +199,27 @@ def test_cli_writes_dataset(tmp_path, capsys):
     assert Path(datalist).is_file() and len(list((out / "images").iterdir())) == 6
     assert "wrote 3 slices" in capsys.readouterr().out
     tool.make_brain_phantoms(output_dir=str(out), num_subjects=3, num_slices=1, seed=1, overwrite=True, progress=False)
+
+
+def test_resample_t1_keeps_anatomy_and_redraws_contrast():
+    from common.data.brain_phantoms import BrainPhantomGenerator
+
+    generator = BrainPhantomGenerator(PhantomGeometry.demo(num_slices=1), seed=0)
+    subject = generator.subject(3)
+    real = subject.t1
+    redrawn = generator.resample_t1(3, seed=1)
+    assert redrawn.shape == real.shape and not np.array_equal(redrawn, real)
+    assert np.array_equal(redrawn, generator.resample_t1(3, seed=1)), "deterministic for a seed"
+    assert not redrawn[~subject.brain_mask].any(), "same brain mask: the anatomy is the subject's"
+    assert np.corrcoef(redrawn.ravel(), real.ravel())[0, 1] > 0.9
+
+
+def test_translation_ceiling_tool(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from phantom_translation_ceiling import phantom_translation_ceiling
+
+    write_phantom_dataset(tmp_path, num_subjects=6, geometry=PhantomGeometry.demo(num_slices=1), seed=0, progress=False)
+    result = phantom_translation_ceiling(str(tmp_path), split="training", output=str(tmp_path / "ceiling.json"))
+    assert result["num_slices"] >= 1 and json.loads((tmp_path / "ceiling.json").read_text()) == result
+    m = result["metrics"]
+    assert 10 < m["psnr"]["mean"] < 60 and 0 < m["mae"]["mean"] < 0.5 and 0.5 < m["ms_ssim"]["mean"] < 1

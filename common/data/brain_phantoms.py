@@ -442,6 +442,17 @@ _WMH_PATCH_BOX = ((-80.0, 80.0), (-120.0, 90.0), (-30.0, 80.0))
 _WMH_PATCH_SPACING = 12.0
 
 
+BIAS_STD = 0.07  # std of the bias field's polynomial coefficients
+T1_NOISE_RANGE = (0.01, 0.03)  # Rician noise sigma of T1w, before normalisation
+
+
+def _draw_t1_intensity(rng: np.random.Generator) -> dict[str, float]:
+    """T1w tissue intensities of one subject (WM > GM > CSF; WMH near GM)."""
+    t1 = {"csf": rng.uniform(0.12, 0.25), "gm": rng.uniform(0.50, 0.62), "wm": rng.uniform(0.82, 0.95)}
+    t1["wmh"] = t1["gm"] * rng.uniform(0.95, 1.1)
+    return t1
+
+
 class BrainPhantomGenerator:
     """Deterministic synthetic subjects: ``BrainPhantomGenerator(geometry, seed).subject(i)``.
 
@@ -504,20 +515,15 @@ class BrainPhantomGenerator:
         radius = max_radius * np.clip((age - onsets) / 15.0, 0.0, 1.0)
         lesions = np.concatenate([centres, radius[:, None]], axis=1)
 
-        t1 = {
-            "csf": contrast.uniform(0.12, 0.25),
-            "gm": contrast.uniform(0.50, 0.62),
-            "wm": contrast.uniform(0.82, 0.95),
-        }
-        t1["wmh"] = t1["gm"] * contrast.uniform(0.95, 1.1)
+        t1 = _draw_t1_intensity(contrast)
         flair = {
             "csf": contrast.uniform(0.04, 0.12),
             "gm": contrast.uniform(0.66, 0.78),
             "wm": contrast.uniform(0.48, 0.58),
             "wmh": contrast.uniform(1.05, 1.3),
         }
-        bias = contrast.normal(0.0, 0.07, (2, 9))
-        noise_sigma = np.array([contrast.uniform(0.01, 0.03), contrast.uniform(0.015, 0.03)])
+        bias = contrast.normal(0.0, BIAS_STD, (2, 9))
+        noise_sigma = np.array([contrast.uniform(*T1_NOISE_RANGE), contrast.uniform(0.015, 0.03)])
         return PhantomParameters(
             age=age,
             scale=scale,
@@ -637,6 +643,20 @@ class BrainPhantomGenerator:
         image = np.clip((noisy - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
         image[~brain] = 0.0
         return image.astype(np.float32)
+
+    def resample_t1(self, index: int, seed: int) -> np.ndarray:
+        """T1w slices ``(S, H, W)`` of subject ``index`` with T1w contrast, bias field and noise drawn afresh.
+
+        The anatomy, and so the FLAIR, are those of ``subject(index)``: the result is another T1w that is
+        equally consistent with the subject's FLAIR. Comparing it with the real T1w measures how much of the
+        T1w the FLAIR leaves undetermined, i.e. the best a FLAIR-to-T1w model that samples can score here.
+        """
+        p = self.parameters(index)
+        tissue, centres = self._slice_tissue(p)
+        rng = np.random.default_rng([int(seed), int(index)])
+        t1, bias = _draw_t1_intensity(rng), rng.normal(0.0, BIAS_STD, 9)
+        sigma = rng.uniform(*T1_NOISE_RANGE)
+        return self._render(tissue, t1, bias, sigma, tissue["mask"] >= 0.5, centres, rng)
 
     def subject(self, index: int, age: float | None = None) -> PhantomSubject:
         """Render subject ``index`` (``age`` overrides its drawn age, every other draw is kept)."""

@@ -1,0 +1,59 @@
+"""How well can any FLAIR-to-T1w model do on a phantom data set? Measure it with the generator itself.
+
+For every subject of a split, the generator re-renders the T1w from the same anatomy (hence the same
+FLAIR) with freshly drawn T1w contrast, bias field and noise: another T1w equally consistent with the FLAIR.
+PSNR, MAE and MS-SSIM between it and the real T1w are what a perfect model that samples the T1w given the
+FLAIR would score; a model that predicts the T1w's conditional mean can do a little better.
+
+Usage::
+
+    python tools/phantom_translation_ceiling.py --dataset_dir data/brain_phantoms_demo --split test \\
+        --output bundles/flair_to_t1_controlnet/docs/phantom_ceiling.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.data.brain_phantoms import BrainPhantomGenerator, PhantomGeometry  # noqa: E402
+from common.io import write_json  # noqa: E402
+from common.translation_evaluation import PairedImageMetrics  # noqa: E402
+
+
+def phantom_translation_ceiling(
+    dataset_dir: str, split: str = "test", seed: int = 1, output: str | None = None
+) -> dict[str, dict[str, float]]:
+    """Mean ± std of PSNR / MAE / MS-SSIM between real and re-drawn T1w slices of ``split``; optional JSON."""
+    datalist = json.loads((Path(dataset_dir) / "datalist.json").read_text())
+    if datalist.get("generator") != "common.data.brain_phantoms":
+        raise SystemExit(
+            f"{dataset_dir} was not made by tools/make_brain_phantoms.py; the ceiling needs the generator."
+        )
+    generator = BrainPhantomGenerator(PhantomGeometry(**datalist["geometry"]), seed=datalist["seed"])
+    metric = PairedImageMetrics(datalist["geometry"]["slice_shape"])
+    values: dict[str, list[float]] = {}
+    for sid in datalist["subjects"][split]:
+        index = int(sid.split("-")[1])
+        real = torch.from_numpy(generator.subject(index).t1)[:, None]
+        redrawn = torch.from_numpy(generator.resample_t1(index, seed))[:, None]
+        for name, v in metric(redrawn, real).items():
+            values.setdefault(name, []).extend(float(x) for x in v)
+    summary = {
+        name: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)} for name, v in values.items()
+    }
+    result = {"split": split, "num_slices": len(values["psnr"]), "seed": seed, "metrics": summary}
+    if output:
+        write_json(output, result)
+    return result
+
+
+if __name__ == "__main__":
+    fire.Fire(phantom_translation_ceiling)
