@@ -113,6 +113,8 @@ class LatentDiffusionEvaluation:
         recon_ms_ssim = float(
             self.reconstruction_evaluator.state.metrics[self.reconstruction_evaluator.state.key_metric_name]
         )
+        # PSNR of reconstructions (when the evaluator computes it) bounds what any model decoded by it can score.
+        recon_psnr = self.reconstruction_evaluator.state.metrics.get("test_reconstruction_psnr")
         real = collect_images(self.real_loader)
         logger.info("Generating %d unconditional samples for diversity and FID", self.num_samples)
         fake = generate_images(
@@ -134,6 +136,8 @@ class LatentDiffusionEvaluation:
             "real_diversity_ms_ssim_test": round(real_div, 4),
             "fid": round(fid, 4),
         }
+        if recon_psnr is not None:
+            metrics["reconstruction_psnr_test"] = round(float(recon_psnr), 4)
         results = {
             "metrics": metrics,
             "std": {
@@ -165,6 +169,11 @@ def results_table(results: Mapping[str, Any]) -> str:
         "| metric | value |",
         "|---|---|",
         f"| autoencoder reconstruction MS-SSIM (test, {results['num_real_test_images']} slices) | {m['reconstruction_ms_ssim_test']:.4f} |",
+        *(
+            [f"| autoencoder reconstruction PSNR (test, dB, max 1.0) | {m['reconstruction_psnr_test']:.2f} |"]
+            if "reconstruction_psnr_test" in m
+            else []
+        ),
         f"| sample diversity MS-SSIM ({results['num_generated_samples']} unconditional samples) | "
         f"{m['sample_diversity_ms_ssim']:.4f} ± {s['sample_diversity_ms_ssim']:.4f} |",
         f"| real diversity MS-SSIM (test slices) | {m['real_diversity_ms_ssim_test']:.4f} ± {s['real_diversity_ms_ssim_test']:.4f} |",

@@ -172,7 +172,7 @@ def test_evaluate_config_reports_metrics(trained, phantoms, tmp_path):
     metrics = results["metrics"]
     assert 0 <= metrics["reconstruction_ms_ssim_test"] <= 1
     assert 0 <= metrics["sample_diversity_ms_ssim"] <= 1
-    assert metrics["fid"] >= 0
+    assert metrics["fid"] >= 0 and metrics["reconstruction_psnr_test"] > 0
     assert json.loads(meta.read_text())["eval_metrics"]["fid"] == metrics["fid"]
     assert "old" not in readme.read_text() and "FID" in readme.read_text()
 
