@@ -68,6 +68,7 @@ class LatentDiffusionEvaluation:
         feature_extractor_name: how the features were made, recorded beside the FID.
         results_path, metadata_path, readme_path: where the figures go; ``None`` skips one.
         command: the command that produced the figures, recorded with them.
+        publish: ``False`` only logs the figures (a quick run must not overwrite the documented ones).
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class LatentDiffusionEvaluation:
         readme_path: str | None = None,
         readme_section: str = "evaluation",
         command: str = "",
+        publish: bool = True,
     ) -> None:
         self.reconstruction_evaluator = reconstruction_evaluator
         self.sampler = sampler
@@ -107,6 +109,7 @@ class LatentDiffusionEvaluation:
         self.readme_path = readme_path
         self.readme_section = readme_section
         self.command = command
+        self.publish = publish
 
     def run(self) -> dict[str, Any]:
         self.reconstruction_evaluator.run()
@@ -148,11 +151,15 @@ class LatentDiffusionEvaluation:
             "num_generated_samples": int(fake.shape[0]),
             "guidance_scale": self.sampler.guidance_scale,
             "num_inference_steps": self.sampler.num_inference_steps,
+            "eta": self.sampler.eta,
             "scheduler": self.sampler.scheduler_name,
             "fid_features": self.feature_extractor_name,
             "command": self.command,
         }
         logger.info("Evaluation: %s", metrics)
+        if not self.publish:
+            logger.info("Not publishing (quick run): results, metadata and README left as they are.")
+            return results
         if self.results_path:
             write_json(self.results_path, results)
         if self.metadata_path:

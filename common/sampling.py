@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 SCHEDULERS = ("ddim", "ddpm")
 
 
-def check_sampling_settings(num_inference_steps: int, guidance_scale: float, scheduler: str, num_train_timesteps: int):
+def check_sampling_settings(
+    num_inference_steps: int, guidance_scale: float, scheduler: str, num_train_timesteps: int, eta: float = 0.0
+):
     """Raise ``ValueError`` naming the bad knob before any sampling starts."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler '{scheduler}': use one of {', '.join(SCHEDULERS)}.")
@@ -28,8 +30,17 @@ def check_sampling_settings(num_inference_steps: int, guidance_scale: float, sch
         raise ValueError(
             f"`num_inference_steps` ({num_inference_steps}) exceeds the {num_train_timesteps} training timesteps."
         )
+    if scheduler == "ddpm" and num_inference_steps != num_train_timesteps:
+        # MONAI's DDPMScheduler.step always goes from t to t - 1, so a strided schedule decodes to noise.
+        raise ValueError(
+            f"The ddpm scheduler needs `num_inference_steps` equal to the {num_train_timesteps} training timesteps "
+            f"(got {num_inference_steps}); for fewer steps use the ddim scheduler (with `eta` 1.0 for stochastic "
+            "sampling)."
+        )
     if guidance_scale < 0:
         raise ValueError(f"`guidance_scale` must be >= 0 (0: unconditional, 1: conditional), got {guidance_scale}.")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"`eta` must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta}.")
 
 
 def latent_shape(image_size: Sequence[int], latent_space: ScaledLatentSpace) -> tuple[int, ...]:
@@ -104,8 +115,10 @@ class GuidedLatentSampler(Inferer):
     Args:
         latent_space: frozen autoencoder + scale factor used to decode the final latents.
         settings: the training noise schedule (from the diffusion checkpoint).
-        scheduler: ``"ddim"`` (deterministic with ``eta=0``) or ``"ddpm"``.
-        num_inference_steps, guidance_scale, eta: sampling knobs.
+        scheduler: ``"ddim"`` or ``"ddpm"`` (all the training timesteps only).
+        num_inference_steps, guidance_scale: sampling knobs.
+        eta: DDIM noise, 0 (deterministic given the starting noise) to 1 (as much fresh noise per step as DDPM,
+            drawn from the per-sample generator, so still reproducible); ignored by ``"ddpm"``.
         progress: show a progress bar over denoising steps.
     """
 
@@ -120,13 +133,15 @@ class GuidedLatentSampler(Inferer):
         progress: bool = True,
     ) -> None:
         super().__init__()
-        check_sampling_settings(num_inference_steps, guidance_scale, scheduler, settings.values["num_train_timesteps"])
+        check_sampling_settings(
+            num_inference_steps, guidance_scale, scheduler, settings.values["num_train_timesteps"], eta=eta
+        )
         self.latent_space = latent_space
         self.scheduler_name = scheduler
         self.scheduler = settings.build(scheduler)
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = float(guidance_scale)
-        self.eta = eta
+        self.eta = float(eta)
         self.progress = progress
 
     @torch.no_grad()

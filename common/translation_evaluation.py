@@ -63,6 +63,8 @@ class TranslationReport:
         reference: ``{"psnr": (mean, std), ...}`` with a ``"source"`` entry naming where they come from.
         settings: sampling settings recorded with the results.
         figure_rows: examples in the figure (the first ones of the split).
+        figure_scale: integer upscaling of the figure (nearest neighbour), for reading small slices.
+        publish: ``False`` only logs the figures (a quick run on a subset must not overwrite the documented ones).
     """
 
     def __init__(
@@ -75,10 +77,12 @@ class TranslationReport:
         readme_section: str = "evaluation",
         figure_path: str | None = None,
         figure_rows: int = 4,
+        figure_scale: int = 2,
         reference: Mapping[str, Any] | None = None,
         settings: Mapping[str, Any] | None = None,
         metric_prefix: str = "",
         command: str = "",
+        publish: bool = True,
     ) -> None:
         self.metric_fn = PairedImageMetrics(image_size)
         self.condition_key = condition_key
@@ -88,10 +92,12 @@ class TranslationReport:
         self.readme_section = readme_section
         self.figure_path = figure_path
         self.figure_rows = figure_rows
+        self.figure_scale = figure_scale
         self.reference = dict(reference or {})
         self.settings = dict(settings or {})
         self.metric_prefix = metric_prefix
         self.command = command
+        self.publish = publish
         self.values: dict[str, list[float]] = {}
         self.examples: list[np.ndarray] = []
         self.results: dict[str, Any] = {}
@@ -135,6 +141,11 @@ class TranslationReport:
             "per_image": {name: [round(x, 5) for x in v] for name, v in self.values.items()},
         }
         logger.info("Evaluation on %d images: %s", n, {k: f"{mean[k]} ± {std[k]}" for k in mean})
+        if not self.publish:
+            logger.info(
+                "Not publishing (subset or non-test split): results, metadata, README and figure left as they are."
+            )
+            return self.results
         if self.results_path:
             write_json(self.results_path, self.results)
         if self.metadata_path:
@@ -160,5 +171,6 @@ class TranslationReport:
     def write_figure(self, path: str) -> None:
         """PNG grid, one row per example (condition | generated | true), display orientation, 8-bit."""
         grid = np.concatenate(self.examples, 0)
+        grid = np.kron(grid, np.ones((self.figure_scale, self.figure_scale), dtype=grid.dtype))
         with atomic_path(path) as tmp:
             Image.fromarray((grid * 255).round().astype(np.uint8)).save(tmp)

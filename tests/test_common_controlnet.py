@@ -267,6 +267,7 @@ def test_translation_report_writes_results(tmp_path):
         readme_path=str(readme),
         figure_path=str(tmp_path / "fig.png"),
         figure_rows=2,
+        figure_scale=2,
         reference={"source": "article", "psnr": [26.25, 1.01]},
         metric_prefix="test_",
     )
@@ -286,4 +287,5 @@ def test_translation_report_writes_results(tmp_path):
     assert "old" not in text and "26.25 ± 1.01" in text and "MS-SSIM" in text
     from PIL import Image
 
-    assert Image.open(tmp_path / "fig.png").size == (3 * 64, 2 * 64)
+    # rows: examples; columns: condition | generated | true; each slice upscaled x2
+    assert Image.open(tmp_path / "fig.png").size == (2 * 3 * 64, 2 * 2 * 64)

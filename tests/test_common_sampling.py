@@ -18,13 +18,14 @@ from tests.conftest import CONTEXT_DIM, IMAGE_SIZE, LATENT_CHANNELS, CallRecorde
 LATENT = (LATENT_CHANNELS, IMAGE_SIZE[0] // 2, IMAGE_SIZE[1] // 2)
 
 
-def _sampler(latent_space, guidance_scale=3.0, scheduler="ddim", steps=3, **settings):
+def _sampler(latent_space, guidance_scale=3.0, scheduler="ddim", steps=3, eta=0.0, **settings):
     return GuidedLatentSampler(
         latent_space,
         SchedulerSettings(**settings),
         scheduler=scheduler,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
+        eta=eta,
         progress=False,
     )
 
@@ -66,6 +67,18 @@ def test_valid_settings_pass():
 def test_bad_settings_name_the_knob(steps, guidance, scheduler, match):
     with pytest.raises(ValueError, match=match):
         check_sampling_settings(steps, guidance, scheduler, 1000)
+
+
+def test_ddpm_with_fewer_steps_than_training_is_refused():
+    # MONAI's DDPMScheduler steps t -> t - 1 whatever the stride: 50 of 1000 steps would decode to noise.
+    with pytest.raises(ValueError, match="ddpm scheduler needs `num_inference_steps` equal to the 1000"):
+        check_sampling_settings(50, 1.0, "ddpm", 1000)
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5])
+def test_eta_outside_unit_interval_is_refused(eta):
+    with pytest.raises(ValueError, match="`eta` must be in"):
+        check_sampling_settings(50, 1.0, "ddim", 1000, eta=eta)
 
 
 def test_sampler_checks_settings_at_construction(latent_space):
@@ -241,8 +254,13 @@ def test_each_image_depends_on_its_seed_not_on_the_batch(latent_space, unet):
     torch.testing.assert_close(both[1:], second_alone, rtol=1e-4, atol=1e-4)
 
 
-def test_ddpm_sampling_is_repeatable_with_a_seeded_generator(latent_space, unet):
-    sampler = _sampler(latent_space, scheduler="ddpm")
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"scheduler": "ddpm", "steps": 3, "num_train_timesteps": 3}, {"scheduler": "ddim", "eta": 1.0}],
+    ids=["ddpm", "ddim-eta1"],
+)
+def test_stochastic_sampling_is_repeatable_with_a_seeded_generator(latent_space, unet, kwargs):
+    sampler = _sampler(latent_space, **kwargs)
     noise = _noise([0])
     cond, uncond = _contexts(1)
 
@@ -262,3 +280,14 @@ def test_sampler_decodes_with_the_latent_scale(unet):
     s2 = _sampler(ScaledLatentSpace(autoencoder, 2.0))
     latents = s1.sample_latents(noise, unet, cond, uncond)
     torch.testing.assert_close(s2(noise, unet, cond, uncond), autoencoder.decode_stage_2_outputs(latents / 2.0))
+
+
+def test_ddim_eta_injects_noise_from_the_generator(latent_space, unet):
+    noise = _noise([0])
+    cond, uncond = _contexts(1)
+
+    def run(eta):
+        sampler = _sampler(latent_space, eta=eta, steps=4)
+        return sampler(noise, unet, cond, uncond, generator=torch.Generator().manual_seed(1))
+
+    assert not torch.allclose(run(0.0), run(1.0))

@@ -234,6 +234,7 @@ def test_evaluate_config_reports_metrics(trained, phantoms, tmp_path):
         dataset_dir=str(phantoms),
         test_limit=2,
         num_inference_steps=2,
+        publish_results=True,
         results_path=str(tmp_path / "results.json"),
         metadata_path=str(meta),
         readme_path=str(readme),
@@ -247,6 +248,30 @@ def test_evaluate_config_reports_metrics(trained, phantoms, tmp_path):
     assert json.loads(meta.read_text())["eval_metrics"]["psnr"] == results["metrics"]["psnr"]
     assert "old" not in readme.read_text() and "26.25 ± 1.01" in readme.read_text()
     assert (tmp_path / "figure.png").is_file()
+
+
+def test_evaluate_on_a_subset_leaves_documented_results_alone(trained, phantoms, tmp_path):
+    """A quick run (test_limit) logs its figures but must not overwrite the README, metadata or results."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- evaluation:start -->\nold\n<!-- evaluation:end -->\n")
+    meta = tmp_path / "metadata.json"
+    shutil.copy(CONFIGS / "metadata.json", meta)
+    before = meta.read_bytes()
+    wf = workflow(
+        "evaluate.json",
+        "infer",
+        model_dir=str(trained),
+        dataset_dir=str(phantoms),
+        test_limit=2,
+        num_inference_steps=2,
+        results_path=str(tmp_path / "results.json"),
+        metadata_path=str(meta),
+        readme_path=str(readme),
+        figure_path=str(tmp_path / "figure.png"),
+    )
+    wf.run()
+    assert "old" in readme.read_text() and meta.read_bytes() == before
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "figure.png").exists()
 
 
 def test_shipped_configs_properties():
