@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -53,6 +54,58 @@ def init_controlnet(
         logger.info("ControlNet initialised from %s.", init_path)
         return controlnet
     return controlnet_from_unet(controlnet, unet_state)
+
+
+def unet_fingerprint(unet_state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the names, shapes, dtypes and values of a UNet state dict.
+
+    It identifies the base model a ControlNet was trained against, independent of how the file was saved.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(unet_state):
+        tensor = unet_state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class BaseModelRecord:
+    """Exported beside the ControlNet weights (``"base_model"`` entry): the fingerprint of the UNet it steers."""
+
+    def __init__(self, unet_state: Mapping[str, torch.Tensor]) -> None:
+        self.unet_sha256 = unet_fingerprint(unet_state)
+
+    def state_dict(self) -> dict[str, str]:
+        return {"unet_sha256": self.unet_sha256}
+
+
+def load_controlnet(
+    controlnet: torch.nn.Module, path: str, unet_state: Mapping[str, torch.Tensor], how_to_get: str = ""
+) -> torch.nn.Module:
+    """Load exported ControlNet weights, refusing them if they were trained against another base UNet.
+
+    ControlNet residuals only make sense for the UNet they were trained with; a different ``brain_t1_ldm`` model
+    would translate into plausible-looking nonsense. Files without a ``"base_model"`` record are loaded with a
+    warning.
+
+    Raises:
+        ValueError: the recorded base UNet fingerprint differs from ``unet_state``'s.
+        KeyError: the file has no ``"controlnet"`` entry.
+    """
+    state = load_weights(path, how_to_get=how_to_get)
+    if "controlnet" not in state:
+        raise KeyError(f"{path} has no entry 'controlnet'; it holds {sorted(state)}.")
+    recorded = state.get("base_model", {}).get("unet_sha256")
+    if recorded is None:
+        logger.warning("%s does not record which base UNet it was trained with; it cannot be checked.", path)
+    elif recorded != (actual := unet_fingerprint(unet_state)):
+        raise ValueError(
+            f"{path} was trained against another base UNet (fingerprint {recorded[:12]}, this base model's is "
+            f"{actual[:12]}). Use the brain_t1_ldm weights it was trained with (see this bundle's docs/README.md), "
+            f"or fine-tune it on this base: train_controlnet.json --controlnet_init_path {path}."
+        )
+    controlnet.load_state_dict(state["controlnet"])
+    return controlnet
 
 
 def freeze(network: torch.nn.Module) -> torch.nn.Module:

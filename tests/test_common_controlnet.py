@@ -13,11 +13,14 @@ from monai.networks.nets import ControlNet
 
 from common.condition_images import TranslatedImageWriter, load_condition_image, to_unit_range, translation_requests
 from common.controlnet import (
+    BaseModelRecord,
     ControlNetGuidedSampler,
     ControlNetPrepareBatch,
     ControlNetTrainingInferer,
     controlnet_from_unet,
     freeze,
+    load_controlnet,
+    unet_fingerprint,
 )
 from common.latent import SchedulerSettings
 from common.translation_evaluation import PairedImageMetrics, TranslationReport
@@ -72,6 +75,34 @@ def test_controlnet_from_unet_copies_encoder_and_starts_as_identity():
 def test_controlnet_from_unet_rejects_mismatched_architecture():
     with pytest.raises(ValueError, match="does not match the base UNet"):
         controlnet_from_unet(make_controlnet(channels=(16, 16)), make_unet().state_dict())
+
+
+def test_unet_fingerprint_tracks_values_not_storage():
+    state = make_unet().state_dict()
+    copy = {k: v.clone() for k, v in reversed(list(state.items()))}
+    assert unet_fingerprint(copy) == unet_fingerprint(state)
+    name = next(iter(copy))
+    copy[name] = copy[name] + 1e-6
+    assert unet_fingerprint(copy) != unet_fingerprint(state)
+
+
+def test_load_controlnet_refuses_weights_of_another_base(tmp_path, caplog):
+    unet_state = make_unet().state_dict()
+    trained = controlnet_from_unet(make_controlnet(), unet_state)
+    path = tmp_path / "controlnet.pt"
+    torch.save({"controlnet": trained.state_dict(), "base_model": BaseModelRecord(unet_state).state_dict()}, path)
+
+    loaded = load_controlnet(make_controlnet(), str(path), unet_state)
+    torch.testing.assert_close(loaded.state_dict(), trained.state_dict())
+
+    other = {k: v + 0.01 if v.is_floating_point() else v for k, v in unet_state.items()}
+    with pytest.raises(ValueError, match="trained against another base UNet.*--controlnet_init_path"):
+        load_controlnet(make_controlnet(), str(path), other)
+
+    torch.save({"controlnet": trained.state_dict()}, path)  # older export without the record
+    with caplog.at_level("WARNING"):
+        load_controlnet(make_controlnet(), str(path), other)
+    assert "does not record which base UNet" in caplog.text
 
 
 def test_freeze_turns_off_gradients():

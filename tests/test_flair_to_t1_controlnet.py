@@ -20,6 +20,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from common.checkpoints import load_weights
+from common.controlnet import unet_fingerprint
 from common.data.brain_phantoms import PhantomGeometry, write_phantom_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +95,9 @@ def trained(phantoms, tmp_path_factory) -> Path:
     wf.run()
     wf.finalize()
     weights = load_weights(model_dir / "controlnet.pt")
-    assert set(weights) == {"controlnet"}
+    assert set(weights) == {"controlnet", "base_model"}
+    base_unet = load_weights(BASE_MODELS / "diffusion_model.pt")["unet"]
+    assert weights["base_model"]["unet_sha256"] == unet_fingerprint(base_unet)
     assert (run_dir / "checkpoint_epoch=1.pt").is_file()
     assert any(run_dir.glob("events.out.tfevents*")), "TensorBoard scalars and images"
     return model_dir
@@ -219,6 +222,22 @@ def test_missing_base_model_names_the_fix(tmp_path):
         wf.run()
     text = "".join(str(e) for e in _chain(info.value))
     assert "brain_t1_ldm" in text and "--base_model_dir" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_of_another_base_model_are_refused(tmp_path):
+    """Swapping brain_t1_ldm for a different model must not silently translate with mismatched residuals."""
+    other_base = tmp_path / "other_base"
+    shutil.copytree(BASE_MODELS, other_base)
+    weights = load_weights(other_base / "diffusion_model.pt")
+    weights["unet"] = {k: v * 1.01 if v.is_floating_point() else v for k, v in weights["unet"].items()}
+    torch.save(weights, other_base / "diffusion_model.pt")
+    with pytest.raises(Exception) as info:
+        wf = workflow(
+            "inference.json", "infer", base_model_dir=str(other_base), output_dir=str(tmp_path / "out"), **FAST
+        )
+        wf.run()
+    assert "trained against another base UNet" in "".join(str(e) for e in _chain(info.value))
     assert not (tmp_path / "out").exists()
 
 
