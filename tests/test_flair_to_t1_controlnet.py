@@ -241,7 +241,8 @@ def test_weights_of_another_base_model_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_evaluate_config_reports_metrics(trained, phantoms, tmp_path):
+def _evaluate(trained: Path, phantoms: Path, tmp_path: Path, **overrides) -> tuple[Path, Path]:
+    """Evaluate 2 test slices with every output in ``tmp_path``; returns the README and metadata it may update."""
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- evaluation:start -->\nold\n<!-- evaluation:end -->\n")
     meta = tmp_path / "metadata.json"
@@ -253,13 +254,18 @@ def test_evaluate_config_reports_metrics(trained, phantoms, tmp_path):
         dataset_dir=str(phantoms),
         test_limit=2,
         num_inference_steps=2,
-        publish_results=True,
         results_path=str(tmp_path / "results.json"),
         metadata_path=str(meta),
         readme_path=str(readme),
         figure_path=str(tmp_path / "figure.png"),
+        **overrides,
     )
     wf.run()
+    return readme, meta
+
+
+def test_evaluate_config_reports_metrics(trained, phantoms, tmp_path):
+    readme, meta = _evaluate(trained, phantoms, tmp_path, publish_results=True)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["num_test_images"] == 2
     assert results["metrics"]["psnr"] > 0 and 0 <= results["metrics"]["mae"] <= 1
@@ -271,25 +277,12 @@ def test_evaluate_config_reports_metrics(trained, phantoms, tmp_path):
 
 def test_evaluate_on_a_subset_leaves_documented_results_alone(trained, phantoms, tmp_path):
     """A quick run (test_limit) logs its figures but must not overwrite the README, metadata or results."""
-    readme = tmp_path / "README.md"
-    readme.write_text("# x\n<!-- evaluation:start -->\nold\n<!-- evaluation:end -->\n")
-    meta = tmp_path / "metadata.json"
-    shutil.copy(CONFIGS / "metadata.json", meta)
-    before = meta.read_bytes()
-    wf = workflow(
-        "evaluate.json",
-        "infer",
-        model_dir=str(trained),
-        dataset_dir=str(phantoms),
-        test_limit=2,
-        num_inference_steps=2,
-        results_path=str(tmp_path / "results.json"),
-        metadata_path=str(meta),
-        readme_path=str(readme),
-        figure_path=str(tmp_path / "figure.png"),
+    readme, meta = _evaluate(trained, phantoms, tmp_path)
+    assert "old" in readme.read_text()
+    assert (
+        json.loads(meta.read_text())["eval_metrics"]
+        == json.loads((CONFIGS / "metadata.json").read_text())["eval_metrics"]
     )
-    wf.run()
-    assert "old" in readme.read_text() and meta.read_bytes() == before
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "figure.png").exists()
 
 
