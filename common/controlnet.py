@@ -39,6 +39,18 @@ def controlnet_from_unet(controlnet: torch.nn.Module, unet_state: Mapping[str, t
     return controlnet
 
 
+def read_controlnet_weights(path: str, how_to_get: str = "") -> dict[str, Any]:
+    """An exported ControlNet file (``{"controlnet": state_dict, "base_model": {...}}``), via ``load_weights``.
+
+    Raises:
+        ValueError: the file has no ``"controlnet"`` entry (it is some other checkpoint).
+    """
+    state = load_weights(path, how_to_get=how_to_get)
+    if "controlnet" not in state:
+        raise ValueError(f"{path} has no 'controlnet' entry; it holds {sorted(state)}.")
+    return state
+
+
 def init_controlnet(
     controlnet: torch.nn.Module, unet_state: Mapping[str, torch.Tensor], init_path: str | None = None
 ) -> torch.nn.Module:
@@ -47,9 +59,7 @@ def init_controlnet(
     ``init_path`` is a file with a ``"controlnet"`` entry, such as the bundle's ``models/controlnet.pt``.
     """
     if init_path:
-        state = load_weights(init_path, how_to_get="Give --controlnet_init_path an exported controlnet.pt.")
-        if "controlnet" not in state:
-            raise ValueError(f"{init_path} has no 'controlnet' entry; it holds {sorted(state)}.")
+        state = read_controlnet_weights(init_path, "Give --controlnet_init_path an exported controlnet.pt.")
         controlnet.load_state_dict(state["controlnet"])
         logger.info("ControlNet initialised from %s.", init_path)
         return controlnet
@@ -89,12 +99,10 @@ def load_controlnet(
     warning.
 
     Raises:
-        ValueError: the recorded base UNet fingerprint differs from ``unet_state``'s.
-        KeyError: the file has no ``"controlnet"`` entry.
+        ValueError: the recorded base UNet fingerprint differs from ``unet_state``'s, or the file has no
+            ``"controlnet"`` entry.
     """
-    state = load_weights(path, how_to_get=how_to_get)
-    if "controlnet" not in state:
-        raise KeyError(f"{path} has no entry 'controlnet'; it holds {sorted(state)}.")
+    state = read_controlnet_weights(path, how_to_get)
     recorded = state.get("base_model", {}).get("unet_sha256")
     if recorded is None:
         logger.warning("%s does not record which base UNet it was trained with; it cannot be checked.", path)

@@ -99,6 +99,11 @@ def test_load_controlnet_refuses_weights_of_another_base(tmp_path, caplog):
     with pytest.raises(ValueError, match="trained against another base UNet.*--controlnet_init_path"):
         load_controlnet(make_controlnet(), str(path), other)
 
+    foreign = tmp_path / "diffusion_model.pt"
+    torch.save({"unet": unet_state}, foreign)
+    with pytest.raises(ValueError, match="has no 'controlnet' entry"):
+        load_controlnet(make_controlnet(), str(foreign), unet_state)
+
     torch.save({"controlnet": trained.state_dict()}, path)  # older export without the record
     with caplog.at_level("WARNING"):
         load_controlnet(make_controlnet(), str(path), other)
