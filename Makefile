@@ -13,12 +13,16 @@ setup: $(VENV)/.installed
 # The CPU wheel goes in first when no GPU is present: a bare `torch` requirement would pull a
 # multi-GB CUDA build. open-clip-torch is installed without its dependencies (torchvision, timm):
 # only its BPE vocabulary file is read, by tools/build_clip_tokenizer.py.
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# The project itself is installed editable (no dependencies: they come from the requirements above), which puts
+# `common` and `tools` on the path and the command-line entry points (verify-bundles, make-brain-phantoms, ...)
+# in .venv/bin.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet $(TORCH_CPU); fi
 	$(PIP) install --quiet -r requirements.txt -r requirements-dev.txt
 	$(PIP) install --quiet --no-deps open-clip-torch==3.3.0
+	$(PIP) install --quiet --no-deps -e .
 	touch $@
 
 demo: setup
@@ -31,16 +35,16 @@ demo: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) tools/verify_bundles.py
+	$(VENV)/bin/verify-bundles
 	$(PY) -m pytest -q
 
 # dist/<bundle>_v<version>.zip for every bundle (zoo layout, common/ vendored, reproducible) and dist/model_info.json.
 package: setup
-	$(PY) tools/package_bundles.py
+	$(VENV)/bin/package-bundles
 
 # Metadata schema, config properties, network in/out + TorchScript, large-file hashes of every bundle.
 verify: setup
-	$(PY) tools/verify_bundles.py
+	$(VENV)/bin/verify-bundles
 
 lint: setup
 	$(PY) -m ruff check .

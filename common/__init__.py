@@ -1,6 +1,7 @@
-"""Shared package of the generative MONAI bundles (brain_t1_ldm, flair_to_t1_controlnet, cxr_ldm, brain_unclip).
+"""Shared package of the generative MONAI bundles of this repository.
 
-Nothing here is bundle-specific: bundles reach it from their configs as ``common.<module>``.
+Nothing here is bundle- or modality-specific: bundles reach it from their configs as
+``common.<subpackage>.<module>``, and give names, modalities and hints as config values.
 """
 
 __version__ = "0.1.0"

@@ -9,11 +9,12 @@ from unittest import mock
 import pytest
 import torch
 
+from tests.helpers import REPO_ROOT
+
 # One intra-op thread: the tiny networks gain nothing from more, and on a busy machine the thread pool's
 # spin-waiting makes each forward pass 50x slower.
 torch.set_num_threads(1)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO_ROOT / "bundles" / "brain_t1_ldm" / "models" / "tokenizer"
 
 IMAGE_SIZE = (16, 16)  # tiny images; the autoencoder below downsamples x2
@@ -67,7 +68,7 @@ def make_unet(seed: int = 0):
 
 
 def make_text_model(seed: int = 0):
-    from common.text.encoder import build_clip_text_model
+    from common.networks.text_encoder import build_clip_text_model
 
     torch.manual_seed(seed)
     return build_clip_text_model(hidden_size=CONTEXT_DIM, num_hidden_layers=1, num_attention_heads=2)
@@ -75,17 +76,17 @@ def make_text_model(seed: int = 0):
 
 @functools.cache
 def _cached_tokenizer(path: str):
-    from common.text.tokenizer import load_clip_tokenizer
+    from common.networks.tokenizer import load_clip_tokenizer
 
     return load_clip_tokenizer(path)
 
 
 def make_prompt_encoder(hidden_layer: int = -1, seed: int = 0, text_model=None, **kwargs):
     """``CLIPPromptEncoder`` on the shipped tokenizer (loaded once per session: it takes ~1 s)."""
-    from common.text.encoder import CLIPPromptEncoder
+    from common.networks.text_encoder import CLIPPromptEncoder
 
     text_model = make_text_model(seed) if text_model is None else text_model
-    with mock.patch("common.text.encoder.load_clip_tokenizer", _cached_tokenizer):
+    with mock.patch("common.networks.text_encoder.load_clip_tokenizer", _cached_tokenizer):
         return CLIPPromptEncoder(str(TOKENIZER_DIR), text_model, hidden_layer=hidden_layer, **kwargs)
 
 
@@ -101,7 +102,7 @@ def autoencoder():
 
 @pytest.fixture
 def latent_space(autoencoder):
-    from common.latent import ScaledLatentSpace
+    from common.diffusion.latent_space import ScaledLatentSpace
 
     return ScaledLatentSpace(autoencoder, scale_factor=0.5)
 

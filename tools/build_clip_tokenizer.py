@@ -24,14 +24,11 @@ import gzip
 import hashlib
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from common.io.atomic import atomic_path
 
-from common.io import atomic_path  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 DEFAULT_OUTPUT_DIR = "bundles/brain_t1_ldm/models/tokenizer"
@@ -193,7 +190,12 @@ def build(output_dir: str | None = None, bpe_path: str | None = None) -> str:
     return str(out)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Entry point of ``build-clip-tokenizer``."""
     import fire
 
     fire.Fire(build)
+
+
+if __name__ == "__main__":
+    cli()

@@ -19,11 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from common.data.brain_phantoms import PhantomGeometry, write_phantom_dataset  # noqa: E402
+from common.data.brain.phantoms import PhantomGeometry, write_phantom_dataset
 
 SIZES = {"demo": PhantomGeometry.demo, "full": PhantomGeometry.full}
 MIN_SUBJECTS = 3  # one each for training, validation and test

@@ -9,16 +9,11 @@ Full-size configurations load a pretrained tower instead (``text_encoder`` confi
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import fire
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fire  # noqa: E402
-import torch  # noqa: E402
-
-from common.io import atomic_path  # noqa: E402
-from common.text.encoder import build_clip_text_model  # noqa: E402
+from common.io.atomic import atomic_path
+from common.networks.text_encoder import build_clip_text_model
 
 
 def main(output: str, hidden_size: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> None:
@@ -29,5 +24,10 @@ def main(output: str, hidden_size: int = 32, layers: int = 2, heads: int = 2, se
     print(f"wrote {output} ({sum(p.numel() for p in model.parameters())} parameters)")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Entry point of ``make-demo-text-encoder``."""
     fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -11,15 +11,12 @@ images must have the same size and mode. The grid is written to a temporary name
 from __future__ import annotations
 
 import glob
-import sys
 from pathlib import Path
 
 import fire
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.io import atomic_path  # noqa: E402
+from common.io.atomic import atomic_path
 
 
 def make_image_grid(images: str | list[str], columns: int, output: str, padding: int = 2, scale: int = 1) -> str:
@@ -47,5 +44,10 @@ def make_image_grid(images: str | list[str], columns: int, output: str, padding:
     return output
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Entry point of ``make-image-grid``."""
     fire.Fire(make_image_grid)
+
+
+if __name__ == "__main__":
+    cli()

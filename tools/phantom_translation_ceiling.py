@@ -14,18 +14,15 @@ Usage::
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import fire
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.data.brain_phantoms import BrainPhantomGenerator, PhantomGeometry  # noqa: E402
-from common.io import write_json  # noqa: E402
-from common.translation_evaluation import PairedImageMetrics  # noqa: E402
+from common.data.brain.phantoms import BrainPhantomGenerator, PhantomGeometry
+from common.io.atomic import write_json
+from common.metrics.paired import PairedImageMetrics
 
 
 def phantom_translation_ceiling(
@@ -55,5 +52,10 @@ def phantom_translation_ceiling(
     return result
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Entry point of ``phantom-translation-ceiling``."""
     fire.Fire(phantom_translation_ceiling)
+
+
+if __name__ == "__main__":
+    cli()

@@ -16,15 +16,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import fire
 
-import fire  # noqa: E402
-
-from common.data.mri_preparation import (  # noqa: E402
+from common.data.brain.mri_preparation import (
     DEFAULT_CAPTION,
     DEFAULT_FLAIR_PATTERN,
     DEFAULT_T1_PATTERN,
@@ -107,5 +102,10 @@ def main(
     print(f"datalist: {result.datalist_path}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Entry point of ``prepare-brain-mri``."""
     fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -5,7 +5,7 @@ No pretrained feature network can be downloaded offline, so the project trains i
 fractions, WMH volume) from T1w slices of a phantom data set; its pooled 64-d embedding is the FID feature.
 Validation R^2 per target is reported after every epoch and the best epoch (highest mean validation R^2) is kept.
 
-Output (written atomically, loadable with ``common.checkpoints.load_weights``)::
+Output (written atomically, loadable with ``common.io.weights.load_weights``)::
 
     {"feature_network": state_dict, "network_config": {"channels": [...], "depths": [...], "num_targets": K},
      "targets": [...], "target_mean": [...], "target_std": [...], "validation_r2": {target: R^2},
@@ -25,19 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import fire
+import torch
+from monai.transforms import LoadImage
+from monai.utils import set_determinism
+from tqdm import tqdm
 
-import fire  # noqa: E402
-import torch  # noqa: E402
-from monai.transforms import LoadImage  # noqa: E402
-from monai.utils import set_determinism  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from common.data.datalists import load_datalist  # noqa: E402
-from common.feature_extractors import PHANTOM_TARGETS, PhantomFeatureNet  # noqa: E402
-from common.io import atomic_path  # noqa: E402
+from common.data.datalists import load_datalist
+from common.io.atomic import atomic_path
+from common.networks.feature_extractors import PHANTOM_TARGETS, PhantomFeatureNet
 
 DEFAULT_OUTPUT = "bundles/brain_t1_ldm/models/feature_network.pt"
 
@@ -200,5 +196,10 @@ def train_feature_network(
     return {"validation_r2": validation_r2, "epoch": best["epoch"], "seconds": round(seconds, 1), "output": output}
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Entry point of ``train-feature-network``."""
     fire.Fire(train_feature_network)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,208 @@
+"""Guided sampling of latent diffusion models (classifier-free guidance, optional ControlNet)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.inferers import Inferer
+from tqdm.auto import tqdm
+
+from common.diffusion.latent_space import ScaledLatentSpace
+from common.diffusion.schedules import SchedulerSettings
+
+logger = logging.getLogger(__name__)
+
+
+SCHEDULERS = ("ddim", "ddpm")
+
+
+def check_sampling_settings(
+    num_inference_steps: int, guidance_scale: float, scheduler: str, num_train_timesteps: int, eta: float = 0.0
+):
+    """Raise ``ValueError`` naming the bad knob before any sampling starts."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler '{scheduler}': use one of {', '.join(SCHEDULERS)}.")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+    if num_inference_steps > num_train_timesteps:
+        raise ValueError(
+            f"`num_inference_steps` ({num_inference_steps}) exceeds the {num_train_timesteps} training timesteps."
+        )
+    if scheduler == "ddpm" and num_inference_steps != num_train_timesteps:
+        # MONAI's DDPMScheduler.step always goes from t to t - 1, so a strided schedule decodes to noise.
+        raise ValueError(
+            f"The ddpm scheduler needs `num_inference_steps` equal to the {num_train_timesteps} training timesteps "
+            f"(got {num_inference_steps}); for fewer steps use the ddim scheduler (with `eta` 1.0 for stochastic "
+            "sampling)."
+        )
+    if guidance_scale < 0:
+        raise ValueError(f"`guidance_scale` must be >= 0 (0: unconditional, 1: conditional), got {guidance_scale}.")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"`eta` must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta}.")
+
+
+def latent_shape(image_size: Sequence[int], latent_space: ScaledLatentSpace) -> tuple[int, ...]:
+    """``(latent_channels, H / f, W / f)`` for images of ``image_size`` ``(H, W)``; errors if not divisible."""
+    f = latent_space.downsample_factor
+    bad = [s for s in image_size if s % f]
+    if bad or any(s <= 0 for s in image_size):
+        raise ValueError(
+            f"Image size {tuple(image_size)} is not divisible by the autoencoder's downsampling factor {f}: "
+            f"use sizes that are multiples of {f} (e.g. {tuple(max(f, round(s / f) * f) for s in image_size)})."
+        )
+    return (latent_space.autoencoder.latent_channels, *(s // f for s in image_size))
+
+
+class GuidedLatentSampler(Inferer):
+    """Reverse diffusion in latent space with classifier-free guidance, then decoding.
+
+    ``guidance_scale`` 0 samples unconditionally (empty-prompt context), 1 conditionally, and above 1
+    extrapolates ``uncond + s * (cond - uncond)``; both branches run as one batch ``[uncond, cond]``.
+    MONAI's own ``cfg`` uses a constant tensor as the unconditional input, which is not what the
+    models were trained with, hence this inferer.
+
+    Args:
+        latent_space: frozen autoencoder + scale factor used to decode the final latents.
+        settings: the training noise schedule (from the diffusion checkpoint).
+        scheduler: ``"ddim"`` or ``"ddpm"`` (all the training timesteps only).
+        num_inference_steps, guidance_scale: sampling knobs.
+        eta: DDIM noise, 0 (deterministic given the starting noise) to 1 (as much fresh noise per step as DDPM,
+            drawn from the per-sample generator, so still reproducible); ignored by ``"ddpm"``.
+        progress: show a progress bar over denoising steps.
+    """
+
+    def __init__(
+        self,
+        latent_space: ScaledLatentSpace,
+        settings: SchedulerSettings,
+        scheduler: str = "ddim",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.0,
+        eta: float = 0.0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        check_sampling_settings(
+            num_inference_steps, guidance_scale, scheduler, settings.values["num_train_timesteps"], eta=eta
+        )
+        self.latent_space = latent_space
+        self.scheduler_name = scheduler
+        self.scheduler = settings.build(scheduler)
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = float(guidance_scale)
+        self.eta = float(eta)
+        self.progress = progress
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        noise: torch.Tensor,
+        network: torch.nn.Module,
+        context: torch.Tensor,
+        uncond_context: torch.Tensor,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
+        """Noise ``(B, c, h, w)`` + contexts ``(B, 77, D)`` -> denoised scaled latents ``(B, c, h, w)``.
+
+        ``model_kwargs`` (per-sample tensors ``(B, ...)``) go to :meth:`predict` at every step.
+        """
+        self.scheduler.set_timesteps(self.num_inference_steps, device=noise.device)
+        scale = self.guidance_scale
+        latents = noise
+        steps = tqdm(self.scheduler.timesteps, desc="sampling", disable=not self.progress, leave=False)
+        for t in steps:
+            if scale in (0.0, 1.0):
+                ctx = uncond_context if scale == 0.0 else context
+                timesteps = t.expand(latents.shape[0]).to(latents.device)
+                pred = self.predict(network, latents, timesteps, ctx, **model_kwargs)
+            else:
+                timesteps = t.expand(2 * latents.shape[0]).to(latents.device)
+                doubled = {k: torch.cat([v, v]) for k, v in model_kwargs.items()}
+                both = self.predict(
+                    network, torch.cat([latents, latents]), timesteps, torch.cat([uncond_context, context]), **doubled
+                )
+                pred_uncond, pred_cond = both.chunk(2)
+                pred = pred_uncond + scale * (pred_cond - pred_uncond)
+            kwargs = {"eta": self.eta} if self.scheduler_name == "ddim" else {}
+            if isinstance(generator, list | tuple):
+                latents = torch.cat(
+                    [
+                        self.scheduler.step(pred[i : i + 1], int(t), latents[i : i + 1], generator=g, **kwargs)[0]
+                        for i, g in enumerate(generator)
+                    ]
+                )
+            else:
+                latents, _ = self.scheduler.step(pred, int(t), latents, generator=generator, **kwargs)
+        return latents
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network: torch.nn.Module,
+        context: torch.Tensor,
+        uncond_context: torch.Tensor,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
+        """Noise latents ``(B, c, h, w)`` -> images ``(B, C, H, W)``."""
+        network.eval()
+        latents = self.sample_latents(inputs, network, context, uncond_context, generator, **model_kwargs)
+        return self.latent_space.decode(latents)
+
+    def predict(
+        self, network: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """One model output ``(B, c, h, w)`` for noisy ``latents`` at ``timesteps`` given ``context``."""
+        return network(latents, timesteps=timesteps, context=context)
+
+
+class ControlNetGuidedSampler(GuidedLatentSampler):
+    """Guided latent sampling where a ControlNet steers the frozen UNet at every step.
+
+    The engine's ``network`` is the ControlNet; ``controlnet_cond`` ``(B, 1, H, W)`` is the condition
+    image at full resolution (the ControlNet's conditioning embedding downsamples it to latent size).
+    Both guidance branches see the same condition. ``conditioning_scale`` multiplies the residuals
+    (0 ignores the condition, 1 is what training used).
+    """
+
+    def __init__(
+        self,
+        latent_space: ScaledLatentSpace,
+        settings: SchedulerSettings,
+        diffusion_model: torch.nn.Module,
+        conditioning_scale: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(latent_space, settings, **kwargs)
+        if conditioning_scale < 0:
+            raise ValueError(f"`conditioning_scale` must be >= 0 (1 is what training used), got {conditioning_scale}.")
+        self.diffusion_model = diffusion_model
+        self.conditioning_scale = float(conditioning_scale)
+
+    def predict(  # type: ignore[override]
+        self,
+        network: torch.nn.Module,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+    ) -> torch.Tensor:
+        down, mid = network(
+            x=latents,
+            timesteps=timesteps,
+            controlnet_cond=controlnet_cond,
+            conditioning_scale=self.conditioning_scale,
+            context=context,
+        )
+        return self.diffusion_model(
+            latents,
+            timesteps=timesteps,
+            context=context,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        )

@@ -1,0 +1,179 @@
+"""Evaluation of a generative bundle: reconstruction fidelity, sample diversity and FID."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.engines import SupervisedEvaluator
+
+from common.diffusion.sampling import GuidedLatentSampler
+from common.evaluation.publishing import BundleDocs, weights_note
+from common.metrics.fid import frechet_distance
+from common.metrics.ms_ssim import pairwise_ms_ssim
+from common.networks.text_encoder import CLIPPromptEncoder
+
+logger = logging.getLogger(__name__)
+
+
+def collect_images(batches: Iterable[Mapping[str, Any]], key: str = "image") -> torch.Tensor:
+    """Concatenate ``batch[key]`` over a data loader: ``(N, C, H, W)`` on the CPU."""
+    images = [torch.as_tensor(batch[key]).float().cpu() for batch in batches]
+    if not images:
+        raise ValueError("The evaluation data loader yielded no batch.")
+    return torch.cat(images)
+
+
+@torch.no_grad()
+def generate_images(
+    sampler: GuidedLatentSampler,
+    network: torch.nn.Module,
+    prompt_encoder: CLIPPromptEncoder,
+    latent_shape: Sequence[int],
+    num_samples: int,
+    seed: int,
+    prompt: str = "",
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``num_samples`` images ``(N, C, H, W)`` in [0, 1]; sample ``i`` starts from noise seeded ``seed + i``."""
+    images = []
+    for start in range(0, num_samples, batch_size):
+        seeds = range(seed + start, seed + min(start + batch_size, num_samples))
+        noise = torch.stack(
+            [torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
+        )
+        context = prompt_encoder([prompt] * len(seeds)).to(device)
+        uncond = prompt_encoder([""] * len(seeds)).to(device)
+        images.append(sampler(noise.to(device), network, context=context, uncond_context=uncond).clamp(0, 1).cpu())
+    return torch.cat(images)
+
+
+class LatentDiffusionEvaluation:
+    """The article's evaluation of a latent diffusion bundle, written to JSON, metadata and README.
+
+    * reconstruction MS-SSIM of the autoencoder on the test split (``reconstruction_evaluator``);
+    * diversity: mean MS-SSIM over pairs of ``num_samples`` unconditional samples, next to the same on
+      real test slices (lower = more diverse; a model should match the real value);
+    * FID between features of real test slices and of the samples, with MONAI's ``FIDMetric``.
+
+    Args:
+        reconstruction_evaluator: ``SupervisedEvaluator`` whose key metric is reconstruction MS-SSIM.
+        real_loader: test slices (dicts with ``image``).
+        feature_extractor: images ``(N, 1, H, W)`` -> features ``(N, D)`` (see ``common.feature_extractors``).
+        feature_extractor_name: how the features were made, recorded beside the FID.
+        provenance: what produced the figures (command, weight hashes, demo or not), recorded with them
+            (``common.evaluation.publishing.run_provenance``).
+        publish_to: where the figures are published when asked (``BundleDocs``); ``None`` only logs them.
+    """
+
+    def __init__(
+        self,
+        reconstruction_evaluator: SupervisedEvaluator,
+        sampler: GuidedLatentSampler,
+        network: torch.nn.Module,
+        prompt_encoder: CLIPPromptEncoder,
+        latent_shape: Sequence[int],
+        real_loader: Iterable[Mapping[str, Any]],
+        feature_extractor: Callable[[torch.Tensor], torch.Tensor],
+        feature_extractor_name: str,
+        num_samples: int = 100,
+        seed: int = 0,
+        batch_size: int = 16,
+        device: torch.device | str = "cpu",
+        provenance: Mapping[str, Any] | None = None,
+        publish_to: BundleDocs | None = None,
+    ) -> None:
+        self.reconstruction_evaluator = reconstruction_evaluator
+        self.sampler = sampler
+        self.network = network
+        self.prompt_encoder = prompt_encoder
+        self.latent_shape = tuple(latent_shape)
+        self.real_loader = real_loader
+        self.feature_extractor = feature_extractor
+        self.feature_extractor_name = feature_extractor_name
+        self.num_samples = num_samples
+        self.seed = seed
+        self.batch_size = batch_size
+        self.device = device
+        self.provenance = dict(provenance or {})
+        self.publish_to = publish_to
+
+    def run(self) -> dict[str, Any]:
+        self.reconstruction_evaluator.run()
+        recon_ms_ssim = float(
+            self.reconstruction_evaluator.state.metrics[self.reconstruction_evaluator.state.key_metric_name]
+        )
+        # PSNR of reconstructions (when the evaluator computes it) bounds what any model decoded by it can score.
+        recon_psnr = self.reconstruction_evaluator.state.metrics.get("test_reconstruction_psnr")
+        real = collect_images(self.real_loader)
+        logger.info("Generating %d unconditional samples for diversity and FID", self.num_samples)
+        fake = generate_images(
+            self.sampler,
+            self.network,
+            self.prompt_encoder,
+            self.latent_shape,
+            self.num_samples,
+            self.seed,
+            batch_size=self.batch_size,
+            device=self.device,
+        )
+        real_div, real_div_std = pairwise_ms_ssim(real, seed=self.seed)
+        fake_div, fake_div_std = pairwise_ms_ssim(fake, seed=self.seed)
+        fid = frechet_distance(self.feature_extractor(real), self.feature_extractor(fake))
+        metrics = {
+            "reconstruction_ms_ssim_test": round(recon_ms_ssim, 4),
+            "sample_diversity_ms_ssim": round(fake_div, 4),
+            "real_diversity_ms_ssim_test": round(real_div, 4),
+            "fid": round(fid, 4),
+        }
+        if recon_psnr is not None:
+            metrics["reconstruction_psnr_test"] = round(float(recon_psnr), 4)
+        results = {
+            "metrics": metrics,
+            "std": {
+                "sample_diversity_ms_ssim": round(fake_div_std, 4),
+                "real_diversity_ms_ssim_test": round(real_div_std, 4),
+            },
+            "num_real_test_images": int(real.shape[0]),
+            "num_generated_samples": int(fake.shape[0]),
+            "guidance_scale": self.sampler.guidance_scale,
+            "num_inference_steps": self.sampler.num_inference_steps,
+            "eta": self.sampler.eta,
+            "scheduler": self.sampler.scheduler_name,
+            "fid_features": self.feature_extractor_name,
+            "command": self.provenance.get("command", ""),
+            "provenance": self.provenance,
+        }
+        logger.info("Evaluation: %s", metrics)
+        if self.publish_to is not None:
+            self.publish_to.publish(results, metrics, results_table(results))
+        return results
+
+
+def results_table(results: Mapping[str, Any]) -> str:
+    """Markdown table of evaluation results with the command that produced them."""
+    m, s = results["metrics"], results["std"]
+    rows = [
+        "| metric | value |",
+        "|---|---|",
+        f"| autoencoder reconstruction MS-SSIM (test, {results['num_real_test_images']} slices) | {m['reconstruction_ms_ssim_test']:.4f} |",
+        *(
+            [f"| autoencoder reconstruction PSNR (test, dB, max 1.0) | {m['reconstruction_psnr_test']:.2f} |"]
+            if "reconstruction_psnr_test" in m
+            else []
+        ),
+        f"| sample diversity MS-SSIM ({results['num_generated_samples']} unconditional samples) | "
+        f"{m['sample_diversity_ms_ssim']:.4f} ± {s['sample_diversity_ms_ssim']:.4f} |",
+        f"| real diversity MS-SSIM (test slices) | {m['real_diversity_ms_ssim_test']:.4f} ± {s['real_diversity_ms_ssim_test']:.4f} |",
+        f"| FID ({results['fid_features']}) | {m['fid']:.4f} |",
+    ]
+    sampling = (
+        f"Sampling: {results['scheduler'].upper()} {results['num_inference_steps']} steps, "
+        f"guidance {results['guidance_scale']} (unconditional)."
+    )
+    if note := weights_note(results.get("provenance", {})):
+        sampling += f"\n\n{note}"
+    return "\n".join(rows) + f"\n\n{sampling}\n\nProduced by:\n\n```bash\n{results['command']}\n```\n"

@@ -1,0 +1,106 @@
+"""Writing generated images: NIfTI with spacing, PNG, and a JSON sidecar with how each was made."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import NibabelWriter, PILWriter
+from monai.transforms import MapTransform
+
+from common.io.atomic import atomic_path, write_json
+
+
+def slugify(text: str, max_len: int = 80) -> str:
+    """A file-name-safe short form of a prompt: ``"T1-weighted image."`` -> ``"t1-weighted_image"``."""
+    slug = re.sub(r"[^a-z0-9-]+", "_", text.lower()).strip("_")
+    return slug[:max_len].rstrip("_") or "unconditional"
+
+
+class GeneratedImageWriterd(MapTransform):
+    """Write ``data[image_key]`` ``(1, H, W)`` in [0, 1] as ``<stem>.nii.gz``, ``<stem>.png`` and ``<stem>.json``.
+
+    ``stem`` is ``<prompt slug>_seed<seed>``, so the same request always lands on the same names and
+    nothing is timestamped. Every file is written to a temporary name and renamed. The NIfTI gets an
+    affine with ``spacing`` (mm); the PNG is 8-bit. The sidecar records ``sidecar`` (bundle name,
+    version, sampling knobs) plus the request keys (``prompt``, ``seed``, ``index``).
+
+    Args:
+        output_dir: destination folder (created).
+        spacing: in-plane pixel spacing in mm, ``(sx, sy)``.
+        sidecar: constant fields for every sidecar.
+        provenance: what made the output (``common.io.provenance.output_provenance``: bundle, version, weight
+            hashes, demo or not), first in the sidecar.
+        request_keys: keys of the sample request copied into the sidecar and used for the name.
+        name_key: request key whose text names the file.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        spacing: Sequence[float],
+        sidecar: Mapping[str, Any] | None = None,
+        provenance: Mapping[str, Any] | None = None,
+        image_key: str = "pred",
+        request_keys: Sequence[str] = ("prompt", "seed", "index"),
+        name_key: str = "prompt",
+        formats: Sequence[str] = ("nii.gz", "png"),
+    ) -> None:
+        super().__init__(keys=[image_key])
+        self.output_dir = Path(output_dir)
+        self.spacing = tuple(float(s) for s in spacing)
+        self.sidecar = dict(sidecar or {})
+        self.provenance = dict(provenance or {})
+        self.image_key = image_key
+        self.request_keys = tuple(request_keys)
+        self.name_key = name_key
+        unknown = set(formats) - {"nii.gz", "png"}
+        if unknown:
+            raise ValueError(f"Unknown output formats {sorted(unknown)}: use 'nii.gz' and/or 'png'.")
+        self.formats = tuple(formats)
+
+    def stem(self, data: Mapping[Hashable, Any]) -> str:
+        return f"{slugify(str(data[self.name_key]))}_seed{int(data['seed'])}"
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.image_key]
+        array = (image.detach().cpu() if isinstance(image, torch.Tensor) else torch.as_tensor(image)).float()
+        if array.ndim != 3 or array.shape[0] != 1:
+            raise ValueError(f"Expected a generated image of shape (1, H, W), got {tuple(array.shape)}.")
+        array = array.clamp(0.0, 1.0).numpy()
+        stem = self.stem(d)
+        affine = np.diag([*self.spacing, 1.0, 1.0])
+        written = []
+        if "nii.gz" in self.formats:
+            path = self.output_dir / f"{stem}.nii.gz"
+            writer = NibabelWriter(output_dtype=np.float32)
+            writer.set_data_array(array, channel_dim=0)
+            writer.set_metadata({"affine": affine, "original_affine": affine, "spatial_shape": array.shape[1:]})
+            with atomic_path(path) as tmp:
+                writer.write(str(tmp), verbose=False)
+            written.append(path.name)
+        if "png" in self.formats:
+            path = self.output_dir / f"{stem}.png"
+            writer = PILWriter(output_dtype=np.uint8, scale=255)
+            writer.set_data_array(array, channel_dim=0, squeeze_end_dims=True)
+            writer.set_metadata({"spatial_shape": array.shape[1:]})
+            with atomic_path(path) as tmp:
+                writer.write(str(tmp), verbose=False)
+            written.append(path.name)
+        record = {**self.provenance, **self.sidecar, **{k: _plain(d[k]) for k in self.request_keys if k in d}}
+        record["spacing_mm"] = list(self.spacing)
+        record["files"] = written
+        write_json(self.output_dir / f"{stem}.json", record)
+        d["output_files"] = [str(self.output_dir / name) for name in written]
+        return d
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value

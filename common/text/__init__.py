@@ -1,1 +1,0 @@
-"""CLIP tokenizer, frozen text encoders and prompt transforms."""

@@ -1,0 +1,377 @@
+"""End-to-end tests of the brain_t1_ldm bundle configs on tiny phantom data (CPU, minutes in all)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+import torch
+
+from common.data.brain.phantoms import PhantomGeometry, write_phantom_dataset
+from common.io.weights import load_weights
+from tests.helpers import REPO_ROOT
+from tests.helpers.bundle_copy import copy_bundle
+from tests.helpers.bundle_runs import bundle_env, error_text, snapshot
+from tests.helpers.bundle_runs import workflow as bundle_workflow
+
+REPO = REPO_ROOT
+BUNDLE = REPO / "bundles" / "brain_t1_ldm"
+CONFIGS = BUNDLE / "configs"
+SHIPPED = BUNDLE / "models"
+PY = sys.executable
+
+TINY_AE = {
+    "ae_max_epochs": 1,
+    "ae_batch_size": 4,
+    "num_workers": 0,
+    "train_limit": 8,
+    "val_limit": 4,
+    "val_interval": 1,
+}
+TINY_LDM = {
+    "ldm_max_epochs": 1,
+    "ldm_batch_size": 4,
+    "num_workers": 0,
+    "train_limit": 8,
+    "val_limit": 4,
+    "val_interval": 1,
+}
+TINY_LDM["sample_steps"] = 2
+
+
+def workflow(config, workflow_type, **overrides):
+    return bundle_workflow(BUNDLE, config, workflow_type, **overrides)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantom_dataset(out, num_subjects=8, geometry=PhantomGeometry.demo(num_slices=2), seed=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A scratch models/ folder with the shipped tokenizer and text encoder, so training never touches the bundle."""
+    out = tmp_path_factory.mktemp("models")
+    shutil.copytree(SHIPPED / "tokenizer", out / "tokenizer")
+    shutil.copy(SHIPPED / "text_encoder.pt", out / "text_encoder.pt")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms, model_dir, tmp_path_factory) -> Path:
+    """Autoencoder then diffusion, one tiny epoch each, through the shipped train configs."""
+    runs = tmp_path_factory.mktemp("runs")
+    ae = workflow(
+        "train_autoencoder.json",
+        "train",
+        dataset_dir=str(phantoms),
+        model_dir=str(model_dir),
+        run_dir=str(runs / "ae"),
+        **TINY_AE,
+    )
+    assert ae.check_properties() in (None, [])
+    ae.run()
+    ae.finalize()
+    assert (model_dir / "autoencoder.pt").is_file()
+    ldm = workflow(
+        ["train_autoencoder.json", "train_diffusion.json"],
+        "train",
+        dataset_dir=str(phantoms),
+        model_dir=str(model_dir),
+        run_dir=str(runs / "ldm"),
+        **TINY_LDM,
+    )
+    assert ldm.check_properties() in (None, [])
+    ldm.run()
+    ldm.finalize()
+    weights = load_weights(model_dir / "diffusion_model.pt")
+    assert set(weights) == {"unet", "latent", "scheduler", "architectures", "provenance"}
+    assert weights["architectures"]["unet"]["network"] == "DiffusionModelUNet"
+    assert weights["provenance"]["demo"] is False  # only weights trained for the demo say so
+    assert weights["latent"]["scale_factor"] > 0
+    assert weights["scheduler"]["prediction_type"] == "v_prediction"
+    return model_dir
+
+
+def test_train_configs_write_checkpoints_and_tensorboard(trained, tmp_path_factory):
+    runs = list(Path(trained).parent.parent.rglob("checkpoint_epoch=1.pt"))
+    assert runs, "each training run keeps a resumable checkpoint"
+
+
+def test_inference_with_trained_weights_is_deterministic(trained, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        wf = workflow(
+            "inference.json",
+            "infer",
+            model_dir=str(trained),
+            output_dir=str(tmp_path / name),
+            num_samples=2,
+            num_inference_steps=3,
+            progress=False,
+        )
+        assert wf.check_properties() in (None, [])
+        wf.run()
+        wf.finalize()
+        outs.append(sorted((tmp_path / name).iterdir()))
+    assert [p.name for p in outs[0]] == [p.name for p in outs[1]]
+    assert len(outs[0]) == 6  # 2 samples x (NIfTI, PNG, JSON)
+    for a, b in zip(*outs, strict=True):
+        assert a.read_bytes() == b.read_bytes(), f"{a.name} differs between two runs with the same seed"
+    nii = next(p for p in outs[0] if p.name.endswith(".nii.gz"))
+    img = nib.load(nii)
+    assert img.shape == (80, 112)
+    assert tuple(float(z) for z in img.header.get_zooms()) == (2.0, 2.0)
+    sidecar = json.loads(next(p for p in outs[0] if p.suffix == ".json").read_text())
+    assert sidecar["bundle"] == "brain_t1_ldm" and sidecar["seed"] in (0, 1)
+    assert {"prompt", "guidance_scale", "num_inference_steps", "version"} <= set(sidecar)
+
+
+EVAL = ["inference.json", "evaluate.json"]
+QUICK_EVAL = {"eval_num_inference_steps": 2, "feature_extractor_weights": str(SHIPPED / "feature_network.pt")}
+
+
+def test_evaluate_computes_and_logs_without_touching_the_bundle(trained, phantoms):
+    before = snapshot(BUNDLE)
+    wf = workflow(EVAL, "infer", model_dir=str(trained), dataset_dir=str(phantoms), eval_num_samples=4, **QUICK_EVAL)
+    results = wf.parser.get_parsed_content("evaluation").run()
+    metrics = results["metrics"]
+    assert 0 <= metrics["reconstruction_ms_ssim_test"] <= 1
+    assert 0 <= metrics["sample_diversity_ms_ssim"] <= 1
+    assert metrics["fid"] >= 0 and metrics["reconstruction_psnr_test"] > 0
+    weights = results["provenance"]["weights"]
+    assert set(weights) == {"autoencoder", "diffusion_model", "text_encoder"}
+    # freshly trained networks are not demo weights; the copied shipped text encoder is, so the run says demo
+    assert not weights["diffusion_model"]["demo"] and weights["text_encoder"]["demo"]
+    assert results["provenance"]["demo_weights"] is True
+    assert snapshot(BUNDLE) == before, "evaluation without --publish must leave the bundle as it was"
+
+
+def test_publishing_a_partial_evaluation_is_refused_before_work(trained, phantoms):
+    with pytest.raises(Exception) as info:
+        workflow(EVAL, "infer", model_dir=str(trained), dataset_dir=str(phantoms), publish=True, test_limit=2)
+    assert "whole test split" in error_text(info.value)
+    with pytest.raises(Exception) as info:
+        workflow(EVAL, "infer", model_dir=str(trained), dataset_dir=str(phantoms), publish=True, eval_num_samples=8)
+    assert "at least 100 generated samples" in error_text(info.value)
+
+
+def test_publish_writes_the_docs_of_the_bundle_it_runs_in(trained, phantoms, tmp_path):
+    bundle = copy_bundle(tmp_path)
+    wf = bundle_workflow(
+        bundle,
+        EVAL,
+        "infer",
+        model_dir=str(trained),
+        dataset_dir=str(phantoms),
+        publish=True,
+        eval_num_samples=100,
+        eval_batch_size=50,
+        **QUICK_EVAL,
+    )
+    wf.run()
+    results = json.loads((bundle / "docs" / "evaluation_results.json").read_text())
+    assert results["num_generated_samples"] == 100
+    assert (
+        json.loads((bundle / "configs" / "metadata.json").read_text())["eval_metrics"]["fid"]
+        == results["metrics"]["fid"]
+    )
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert f"{results['metrics']['fid']:.4f}" in readme and "Evaluated demo weights" in readme
+
+
+def test_shipped_inference_config_properties():
+    wf = workflow("inference.json", "infer")
+    assert wf.check_properties() in (None, [])
+
+
+def test_full_size_overlay_builds_reference_networks():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / c) for c in ("train_autoencoder.json", "train_diffusion.json", "full_size.json")])
+    parser["bundle_root"] = str(BUNDLE)
+    parser["context_dim"] = 1024  # the OpenCLIP ViT-H/14 text tower's width (not loaded here)
+    unet = parser.get_parsed_content("network_def")
+    assert unet.block_out_channels == (256, 512, 768) or list(unet.block_out_channels) == [256, 512, 768]
+    assert parser.get_parsed_content("image_size") == [160, 224]
+    ae = parser.get_parsed_content("autoencoder_def")
+    z = ae.encode_stage_2_inputs(torch.zeros(1, 1, 160, 224))
+    assert tuple(z.shape) == (1, 3, 20, 28)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"prompt": ""}, "prompt` is empty"),
+        ({"prompt": "brain " * 400}, "CLIP reads at most 77 tokens"),
+        ({"scheduler": "euler"}, "Unknown scheduler 'euler'"),
+        ({"num_inference_steps": -5}, "positive integer"),
+        ({"scheduler": "ddpm", "num_inference_steps": 50}, "ddpm scheduler needs `num_inference_steps` equal"),
+        ({"eta": 2.0}, "`eta` must be in [0, 1]"),
+        ({"image_size": [81, 112]}, "not divisible"),
+        ({"diffusion_path": "/nonexistent/diffusion_model.pt"}, "Weights file not found"),
+    ],
+)
+def test_bad_inference_input_fails_before_writing(override, message, tmp_path):
+    out = tmp_path / "out"
+    knobs = {"num_inference_steps": 2, "progress": False, **override}
+    with pytest.raises(Exception) as info:
+        wf = workflow("inference.json", "infer", output_dir=str(out), **knobs)
+        wf.run()
+    text = error_text(info.value)
+    assert message in text
+    assert not out.exists() or not any(out.iterdir()), "nothing may be written for bad input"
+
+
+def test_cli_from_bundle_folder_and_repo_root(tmp_path):
+    cmd = [
+        PY,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--seed",
+        "0",
+        "--num_samples",
+        "1",
+        "--num_inference_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path / "a"),
+    ]
+    subprocess.run(cmd, cwd=BUNDLE, check=True, env=bundle_env(), capture_output=True, timeout=300)
+    cmd = [
+        PY,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--seed",
+        "0",
+        "--num_samples",
+        "1",
+        "--num_inference_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path / "b"),
+    ]
+    subprocess.run(cmd, cwd=REPO, check=True, env=bundle_env(), capture_output=True, timeout=300)
+    a, b = sorted((tmp_path / "a").iterdir()), sorted((tmp_path / "b").iterdir())
+    assert [p.name for p in a] == [p.name for p in b] and len(a) == 3
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b, strict=True))
+
+
+def test_training_killed_midway_resumes_from_last_checkpoint(phantoms, model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        PY,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(CONFIGS / "train_autoencoder.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--dataset_dir",
+        str(phantoms),
+        "--model_dir",
+        str(tmp_path / "models"),
+        "--run_dir",
+        str(run_dir),
+        "--ae_max_epochs",
+        "4",
+        "--ae_batch_size",
+        "4",
+        "--num_workers",
+        "0",
+        "--train_limit",
+        "8",
+        "--val_limit",
+        "4",
+        "--val_interval",
+        "10",
+    ]
+    proc = subprocess.Popen(args, cwd=REPO, env=bundle_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while not (run_dir / "checkpoint_epoch=2.pt").exists():
+            assert proc.poll() is None, "training ended before it could be interrupted"
+            assert time.time() < deadline, "no checkpoint within the time limit"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "models" / "autoencoder.pt").exists(), "a killed run must not export final weights"
+    done = subprocess.run(args, cwd=REPO, env=bundle_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = done.stdout + done.stderr
+    assert "Restored all variables from" in log and "checkpoint_epoch=" in log, log[-2000:]
+    assert "Epoch[1] Complete" not in log and "Epoch[4] Complete" in log
+    assert (tmp_path / "models" / "autoencoder.pt").is_file()
+
+
+def test_torchrun_two_processes_on_cpu(phantoms, tmp_path):
+    """DDP overlay on gloo: the two ranks see different slices and only rank 0 writes a checkpoint."""
+    seen = tmp_path / "seen"
+    overlay = tmp_path / "record.json"
+    overlay.write_text(
+        json.dumps(
+            {
+                "batch_recorder": {"_target_": "tests.helpers.batch_recorder.BatchRecorder", "out_dir": str(seen)},
+                "train#trainer#train_handlers": "$@train#handlers + [@batch_recorder]",
+            }
+        )
+    )
+    configs = json.dumps([str(CONFIGS / "train_autoencoder.json"), str(CONFIGS / "multi_gpu_train.json"), str(overlay)])
+    args = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        configs,
+        "--bundle_root",
+        str(BUNDLE),
+        "--dataset_dir",
+        str(phantoms),
+        "--model_dir",
+        str(tmp_path / "models"),
+        "--run_dir",
+        str(tmp_path / "run"),
+        "--ae_max_epochs",
+        "1",
+        "--ae_batch_size",
+        "2",
+        "--num_workers",
+        "0",
+        "--train_limit",
+        "8",
+        "--val_limit",
+        "2",
+        "--val_interval",
+        "5",
+    ]
+    done = subprocess.run(args, cwd=REPO, env=bundle_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0 = set(json.loads((seen / "rank0.json").read_text()))
+    rank1 = set(json.loads((seen / "rank1.json").read_text()))
+    assert rank0 and rank1 and not rank0 & rank1
+    assert len(list((tmp_path / "run").glob("checkpoint_*.pt"))) == 1

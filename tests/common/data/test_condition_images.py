@@ -1,0 +1,71 @@
+"""common.controlnet, common.condition_images and common.translation_evaluation on tiny networks and files."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.data import PILWriter
+
+from common.data.condition_images import load_condition_image, to_unit_range
+from tests.conftest import IMAGE_SIZE
+
+
+def _nifti(path, array, affine=None):
+    image = nib.Nifti1Image(
+        np.asarray(array, dtype=np.float32), np.diag([2.0, 2.0, 3.0, 1.0]) if affine is None else affine
+    )
+    image.header["descrip"] = b"test volume"
+    nib.save(image, str(path))
+    return path
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_load_slice_and_volume(tmp_path):
+    rng = np.random.default_rng(0)
+    s = load_condition_image(_nifti(tmp_path / "a.nii.gz", rng.random((16, 16))), IMAGE_SIZE, "FLAIR")
+    assert s.kind == "slice" and s.slices.shape == (1, 1, 16, 16) and not s.rescaled
+    v = load_condition_image(_nifti(tmp_path / "v.nii.gz", rng.random((16, 16, 5)) * 800), IMAGE_SIZE, "FLAIR")
+    assert v.kind == "volume" and v.slices.shape == (5, 1, 16, 16) and v.rescaled
+    assert 0 <= float(v.slices.min()) and float(v.slices.max()) <= 1
+    assert v.stem == "v"
+
+
+def test_to_unit_range_keeps_unit_data():
+    x = np.linspace(0, 1, 10, dtype=np.float32)
+    same, rescaled = to_unit_range(x)
+    assert np.array_equal(same, x) and not rescaled
+
+
+def test_png_input(tmp_path):
+    writer = PILWriter(output_dtype=np.uint8, scale=255)
+    array = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    writer.set_data_array(array[None], channel_dim=0, squeeze_end_dims=True)
+    writer.set_metadata({"spatial_shape": array.shape})
+    writer.write(str(tmp_path / "x.png"), verbose=False)
+    c = load_condition_image(tmp_path / "x.png", IMAGE_SIZE, "FLAIR")
+    assert c.kind == "slice" and c.affine is None
+    # Same orientation as MONAI's writer: the 8-bit PNG reads back (robustly rescaled) as the array written.
+    assert c.rescaled and np.abs(c.slices[0, 0].numpy() - array).max() < 0.02
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing.nii.gz", "not found"),
+        (lambda d: _write(d / "x.txt", b"hello"), "Unsupported file type"),
+        (lambda d: _write(d / "x.nii.gz", b"not a nifti"), "Cannot read"),
+        (lambda d: _nifti(d / "big.nii.gz", np.ones((32, 16)) * np.arange(16)), "expects (16, 16)"),
+        (lambda d: _nifti(d / "nan.nii.gz", np.where(np.eye(16) > 0, np.nan, 0.5)), "NaN"),
+        (lambda d: _nifti(d / "4d.nii.gz", np.random.rand(16, 16, 3, 2)), "exactly one (FLAIR)"),
+        (lambda d: _nifti(d / "flat.nii.gz", np.zeros((16, 16))), "constant"),
+    ],
+)
+def test_bad_condition_images(tmp_path, make, message):
+    with pytest.raises(ValueError) as info:
+        load_condition_image(make(tmp_path), IMAGE_SIZE, modality="FLAIR")
+    assert message in str(info.value)

@@ -1,0 +1,289 @@
+"""common.sampling: knob validation, sample requests, seeded noise and the guided latent sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.diffusion.latent_space import ScaledLatentSpace
+from common.diffusion.requests import SeededNoised, sample_requests
+from common.diffusion.sampling import GuidedLatentSampler, check_sampling_settings, latent_shape
+from common.diffusion.schedules import SchedulerSettings
+from tests.conftest import CONTEXT_DIM, IMAGE_SIZE, LATENT_CHANNELS, CallRecorder, make_autoencoder
+
+LATENT = (LATENT_CHANNELS, IMAGE_SIZE[0] // 2, IMAGE_SIZE[1] // 2)
+
+
+def _sampler(latent_space, guidance_scale=3.0, scheduler="ddim", steps=3, eta=0.0, **settings):
+    return GuidedLatentSampler(
+        latent_space,
+        SchedulerSettings(**settings),
+        scheduler=scheduler,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        eta=eta,
+        progress=False,
+    )
+
+
+def _contexts(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.randn(batch, 77, CONTEXT_DIM, generator=g)
+    uncond = torch.randn(1, 77, CONTEXT_DIM, generator=g).expand(batch, -1, -1)
+    return cond, uncond
+
+
+def _noise(seeds) -> torch.Tensor:
+    noised = SeededNoised(LATENT)
+    return torch.stack([noised({"seed": s})["noise"] for s in seeds])
+
+
+# check_sampling_settings -----------------------------------------------------------------------------
+
+
+def test_valid_settings_pass():
+    check_sampling_settings(50, 7.0, "ddim", 1000)
+    check_sampling_settings(1000, 0.0, "ddpm", 1000)
+    check_sampling_settings(1, 1.0, "ddim", 1000)
+
+
+@pytest.mark.parametrize(
+    ("steps", "guidance", "scheduler", "match"),
+    [
+        (50, 7.0, "pndm", "Unknown scheduler 'pndm'"),
+        (0, 7.0, "ddim", "num_inference_steps"),
+        (-5, 7.0, "ddim", "num_inference_steps"),
+        (2.5, 7.0, "ddim", "num_inference_steps"),
+        (True, 7.0, "ddim", "num_inference_steps"),
+        ("50", 7.0, "ddim", "num_inference_steps"),
+        (1001, 7.0, "ddim", "exceeds the 1000 training timesteps"),
+        (50, -0.5, "ddim", "guidance_scale"),
+    ],
+)
+def test_bad_settings_name_the_knob(steps, guidance, scheduler, match):
+    with pytest.raises(ValueError, match=match):
+        check_sampling_settings(steps, guidance, scheduler, 1000)
+
+
+def test_ddpm_with_fewer_steps_than_training_is_refused():
+    # MONAI's DDPMScheduler steps t -> t - 1 whatever the stride: 50 of 1000 steps would decode to noise.
+    with pytest.raises(ValueError, match="ddpm scheduler needs `num_inference_steps` equal to the 1000"):
+        check_sampling_settings(50, 1.0, "ddpm", 1000)
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5])
+def test_eta_outside_unit_interval_is_refused(eta):
+    with pytest.raises(ValueError, match="`eta` must be in"):
+        check_sampling_settings(50, 1.0, "ddim", 1000, eta=eta)
+
+
+def test_sampler_checks_settings_at_construction(latent_space):
+    with pytest.raises(ValueError, match="exceeds the 100 training timesteps"):
+        _sampler(latent_space, steps=200, num_train_timesteps=100)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        _sampler(latent_space, guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="scheduler"):
+        _sampler(latent_space, scheduler="euler")
+
+
+# latent_shape ----------------------------------------------------------------------------------------
+
+
+def test_latent_shape(latent_space):
+    assert latent_shape((16, 24), latent_space) == (LATENT_CHANNELS, 8, 12)
+
+
+def test_latent_shape_not_divisible_names_the_factor():
+    space = ScaledLatentSpace(make_autoencoder((8, 8, 8)), scale_factor=1.0)  # downsamples x4
+    assert latent_shape((16, 32), space) == (LATENT_CHANNELS, 4, 8)
+    with pytest.raises(ValueError, match="downsampling factor 4") as err:
+        latent_shape((18, 32), space)
+    assert "multiples of 4" in str(err.value)
+    assert "(16, 32)" in str(err.value)  # a nearby valid size is suggested
+
+
+def test_latent_shape_rejects_non_positive_size(latent_space):
+    with pytest.raises(ValueError):
+        latent_shape((0, 16), latent_space)
+
+
+# sample_requests -------------------------------------------------------------------------------------
+
+
+def test_sample_requests_seed_each_sample():
+    requests = sample_requests("T1-weighted image of a brain.", num_samples=3, seed=10)
+    assert requests == [{"prompt": "T1-weighted image of a brain.", "seed": 10 + i, "index": i} for i in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "num_samples", "seed", "match"),
+    [
+        ("", 1, 0, "empty"),
+        ("   ", 1, 0, "empty"),
+        (None, 1, 0, "string"),
+        ("x" * 1001, 1, 0, "1001 characters"),
+        ("brain", 0, 0, "num_samples"),
+        ("brain", -1, 0, "num_samples"),
+        ("brain", 2.0, 0, "num_samples"),
+        ("brain", True, 0, "num_samples"),
+        ("brain", 1, -1, "seed"),
+        ("brain", 1, "3", "seed"),
+        ("brain", 1, 1.5, "seed"),
+        ("brain", 1, True, "seed"),
+    ],
+)
+def test_sample_requests_validation(prompt, num_samples, seed, match):
+    with pytest.raises(ValueError, match=match):
+        sample_requests(prompt, num_samples, seed)
+
+
+def test_sample_requests_prompt_limit_is_configurable():
+    assert len(sample_requests("x" * 20, 1, 0, max_prompt_chars=20)) == 1
+    with pytest.raises(ValueError):
+        sample_requests("x" * 21, 1, 0, max_prompt_chars=20)
+
+
+# SeededNoised ----------------------------------------------------------------------------------------
+
+
+def test_seeded_noise_is_deterministic_and_standard_normal():
+    noised = SeededNoised((3, 32, 32))
+    a = noised({"seed": 7, "prompt": "p"})
+    b = noised({"seed": 7})
+    assert a["noise"].shape == (3, 32, 32)
+    assert a["prompt"] == "p"
+    torch.testing.assert_close(a["noise"], b["noise"], rtol=0, atol=0)
+    assert not torch.equal(a["noise"], noised({"seed": 8})["noise"])
+    assert abs(a["noise"].mean().item()) < 0.1 and abs(a["noise"].std().item() - 1) < 0.1
+
+
+def test_seeded_noise_ignores_global_rng_and_does_not_mutate_input():
+    noised = SeededNoised(LATENT)
+    torch.manual_seed(1)
+    data = {"seed": torch.tensor(3)}
+    a = noised(data)["noise"]
+    torch.manual_seed(2)
+    torch.rand(100)
+    b = noised(data)["noise"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert "noise" not in data
+
+
+def test_seeded_noise_depends_on_seed_not_on_position_in_batch():
+    """Request i of a run with seed s gets the same noise as request 0 of a run with seed s + i."""
+    noised = SeededNoised(LATENT, seed_key="s", noise_key="z")
+    batch = [noised({"s": r["seed"]})["z"] for r in sample_requests("p", 3, seed=5)]
+    alone = noised({"s": 7})["z"]
+    torch.testing.assert_close(batch[2], alone, rtol=0, atol=0)
+
+
+# GuidedLatentSampler ---------------------------------------------------------------------------------
+
+
+def test_sampler_output_shape_and_determinism(latent_space, unet):
+    sampler = _sampler(latent_space)
+    noise = _noise([0, 1])
+    cond, uncond = _contexts()
+    a = sampler(noise, unet, context=cond, uncond_context=uncond)
+    b = sampler(noise, unet, context=cond, uncond_context=uncond)
+    assert a.shape == (2, 1, *IMAGE_SIZE)
+    assert not a.requires_grad
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not unet.training
+
+
+def test_guidance_zero_is_unconditional(latent_space, unet):
+    noise = _noise([3, 4])
+    cond, uncond = _contexts()
+    unconditional = _sampler(latent_space, guidance_scale=0.0)(noise, unet, context=cond, uncond_context=uncond)
+    conditional_on_uncond = _sampler(latent_space, guidance_scale=1.0)(
+        noise, unet, context=uncond, uncond_context=torch.zeros_like(uncond)
+    )
+    torch.testing.assert_close(unconditional, conditional_on_uncond)
+    # ... and the prompt does not matter at all.
+    other_cond, _ = _contexts(seed=9)
+    again = _sampler(latent_space, guidance_scale=0.0)(noise, unet, context=other_cond, uncond_context=uncond)
+    torch.testing.assert_close(unconditional, again, rtol=0, atol=0)
+
+
+def test_guidance_changes_the_image(latent_space, unet):
+    noise = _noise([3, 4])
+    cond, uncond = _contexts()
+    g1 = _sampler(latent_space, guidance_scale=1.0)(noise, unet, context=cond, uncond_context=uncond)
+    g7 = _sampler(latent_space, guidance_scale=7.0)(noise, unet, context=cond, uncond_context=uncond)
+    assert not torch.allclose(g1, g7)
+
+
+@pytest.mark.parametrize(("guidance", "factor"), [(0.0, 1), (1.0, 1), (3.0, 2)])
+def test_network_calls_and_batch_sizes(latent_space, unet, guidance, factor):
+    recorder = CallRecorder(unet)
+    noise = _noise([0, 1, 2])
+    cond, uncond = _contexts(3)
+    _sampler(latent_space, guidance_scale=guidance, steps=4)(noise, recorder, context=cond, uncond_context=uncond)
+    assert recorder.batch_sizes == [3 * factor] * 4
+    if factor == 2:  # one batch [uncond, cond]
+        torch.testing.assert_close(recorder.contexts[0], torch.cat([uncond, cond]))
+
+
+class _LinearInContext(torch.nn.Module):
+    """pred = x * 0 + context[:, 0, 0]: linear in the context, so guidance can be checked exactly."""
+
+    def forward(self, x, timesteps, context):
+        return x * 0 + context[:, 0, 0].reshape(-1, 1, 1, 1)
+
+
+def test_guidance_extrapolates_from_uncond_towards_cond(latent_space):
+    noise = _noise([0, 1])
+    cond, uncond = _contexts()
+    scale = 4.0
+    guided = _sampler(latent_space, guidance_scale=scale).sample_latents(noise, _LinearInContext(), cond, uncond)
+    mixed = uncond + scale * (cond - uncond)
+    reference = _sampler(latent_space, guidance_scale=1.0).sample_latents(noise, _LinearInContext(), mixed, uncond)
+    torch.testing.assert_close(guided, reference)
+
+
+def test_each_image_depends_on_its_seed_not_on_the_batch(latent_space, unet):
+    sampler = _sampler(latent_space)
+    cond, uncond = _contexts()
+    both = sampler(_noise([5, 6]), unet, context=cond, uncond_context=uncond)
+    second_alone = sampler(_noise([6]), unet, context=cond[1:], uncond_context=uncond[1:])
+    torch.testing.assert_close(both[1:], second_alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"scheduler": "ddpm", "steps": 3, "num_train_timesteps": 3}, {"scheduler": "ddim", "eta": 1.0}],
+    ids=["ddpm", "ddim-eta1"],
+)
+def test_stochastic_sampling_is_repeatable_with_a_seeded_generator(latent_space, unet, kwargs):
+    sampler = _sampler(latent_space, **kwargs)
+    noise = _noise([0])
+    cond, uncond = _contexts(1)
+
+    def run(seed):
+        return sampler(noise, unet, cond, uncond, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(1), run(1), run(2)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)
+
+
+def test_sampler_decodes_with_the_latent_scale(unet):
+    autoencoder = make_autoencoder()
+    noise = _noise([0])
+    cond, uncond = _contexts(1)
+    s1 = _sampler(ScaledLatentSpace(autoencoder, 1.0))
+    s2 = _sampler(ScaledLatentSpace(autoencoder, 2.0))
+    latents = s1.sample_latents(noise, unet, cond, uncond)
+    torch.testing.assert_close(s2(noise, unet, cond, uncond), autoencoder.decode_stage_2_outputs(latents / 2.0))
+
+
+def test_ddim_eta_injects_noise_from_the_generator(latent_space, unet):
+    noise = _noise([0])
+    cond, uncond = _contexts(1)
+
+    def run(eta):
+        sampler = _sampler(latent_space, eta=eta, steps=4)
+        return sampler(noise, unet, cond, uncond, generator=torch.Generator().manual_seed(1))
+
+    assert not torch.allclose(run(0.0), run(1.0))

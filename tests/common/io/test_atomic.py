@@ -1,0 +1,30 @@
+"""common.outputs and common.io: generated images as NIfTI + PNG + JSON sidecar, written atomically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.io.atomic import atomic_path, write_json
+
+
+def test_atomic_path_renames_only_on_success(tmp_path):
+    target = tmp_path / "sub" / "file.txt"
+    with atomic_path(target) as tmp:
+        assert tmp.name == "file.txt" and tmp.parent != target.parent
+        tmp.write_text("new")
+        assert not target.exists()  # nothing at the final name until the block succeeds
+    assert target.read_text() == "new"
+
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half-written")
+        raise RuntimeError("writer crashed")
+    assert target.read_text() == "new"  # the previous file is intact
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.txt"]
+
+
+def test_write_json(tmp_path):
+    write_json(tmp_path / "a.json", {"prompt": "x", "seed": 1})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"prompt": "x", "seed": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
