@@ -32,7 +32,11 @@ def weights_provenance(files: Mapping[str, str | Path]) -> dict[str, dict[str, A
             continue
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         declared = state.get(PROVENANCE_KEY, {}) if isinstance(state, dict) else {}
-        record[name] = {"file": str(path.resolve()), "sha256": sha256sum(path), "demo": bool(declared.get("demo", False))}
+        record[name] = {
+            "file": str(path.resolve()),
+            "sha256": sha256sum(path),
+            "demo": bool(declared.get("demo", False)),
+        }
     return record
 
 

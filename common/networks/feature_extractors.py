@@ -31,7 +31,9 @@ FEATURE_EXTRACTOR_KINDS = ("phantom", "radimagenet_resnet50")
 #: Regression targets of the phantom feature network: datalist keys, in output order.
 PHANTOM_TARGETS = ("age", "ventricle_volume_ml", "gm_fraction", "wm_fraction", "csf_fraction", "wmh_volume_ml")
 
-PHANTOM_HOW_TO_GET = "Train one on phantoms (a few CPU minutes) with `train-feature-network --dataset_dir DIR --output FILE`."
+PHANTOM_HOW_TO_GET = (
+    "Train one on phantoms (a few CPU minutes) with `train-feature-network --dataset_dir DIR --output FILE`."
+)
 
 RADIMAGENET_REPO = "Project-MONAI/perceptual-models:main"
 RADIMAGENET_REPO_DIR = "Project-MONAI_perceptual-models_main"

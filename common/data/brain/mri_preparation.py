@@ -34,7 +34,6 @@ written into a hidden staging folder that becomes ``images/`` only when every su
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import os
 import shutil
@@ -49,6 +48,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from common.data.datalists import split_subjects
 from common.io.atomic import atomic_path, write_json
 
 __all__ = [
@@ -68,7 +68,6 @@ __all__ = [
     "crop_or_pad_offsets",
     "crop_or_pad_xy",
     "slice_affine",
-    "split_subjects",
     "prepare_brain_mri",
 ]
 
@@ -333,41 +332,6 @@ def _slice_image(data: np.ndarray, affine: np.ndarray, source_header: nib.Nifti1
 # --------------------------------------------------------------------------------------------------- split
 
 
-def _count(fraction: float, n: int) -> int:
-    return 0 if fraction == 0 else max(1, math.floor(fraction * n + 0.5))
-
-
-def split_subjects(
-    subjects: Sequence[str], val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0
-) -> dict[str, list[str]]:
-    """Split subject ids into ``training`` / ``validation`` / ``test`` (each sorted), deterministically from ``seed``.
-
-    The sorted ids are permuted by ``numpy.random.default_rng(seed)``; the first ``round(test_fraction * n)``
-    go to test, the next ``round(val_fraction * n)`` to validation, the rest to training. A non-zero fraction
-    gets at least one subject as long as one training subject remains.
-    """
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0 <= value < 1:
-            raise DataPreparationError(f"{name} must be in [0, 1), got {value}")
-    if val_fraction + test_fraction >= 1:
-        raise DataPreparationError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
-    ids = sorted(set(subjects))
-    n = len(ids)
-    n_test, n_val = _count(test_fraction, n), _count(val_fraction, n)
-    while n_test + n_val > max(n - 1, 0):
-        if n_val >= n_test and n_val > 0:
-            n_val -= 1
-        else:
-            n_test -= 1
-    order = np.random.default_rng(seed).permutation(n)
-    shuffled = [ids[i] for i in order]
-    return {
-        "training": sorted(shuffled[n_test + n_val :]),
-        "validation": sorted(shuffled[n_test : n_test + n_val]),
-        "test": sorted(shuffled[:n_test]),
-    }
-
-
 # --------------------------------------------------------------------------------------------------- pipeline
 
 
@@ -484,7 +448,10 @@ def prepare_brain_mri(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     target_shape = _as_shape(target_shape)
     _check_arguments(num_slices, slice_step, slice_center, target_shape, caption)
-    split_subjects([], val_fraction, test_fraction, seed)  # validates the fractions before any work
+    try:
+        split_subjects([], val_fraction, test_fraction, seed)  # validates the fractions before any work
+    except ValueError as err:
+        raise DataPreparationError(str(err)) from err
     subjects, skipped = discover_subjects(input_dir, t1_pattern, flair_pattern if with_flair else None, strict)
     for message in skipped:
         logger.warning(message)

@@ -63,6 +63,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from common.data.datalists import split_subjects
 from common.io.atomic import atomic_path, write_json
 
 __all__ = [
@@ -724,25 +725,6 @@ def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
         nib.save(img, tmp)
 
 
-def _split_subjects(num_subjects: int, seed: int, val_fraction: float, test_fraction: float) -> dict[str, list]:
-    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= f < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {f}")
-    n_test = max(1, round(num_subjects * test_fraction)) if test_fraction > 0 else 0
-    n_val = max(1, round(num_subjects * val_fraction)) if val_fraction > 0 else 0
-    if num_subjects - n_test - n_val < 1:
-        raise ValueError(
-            f"{num_subjects} subjects leave none for training with val_fraction={val_fraction}, "
-            f"test_fraction={test_fraction}"
-        )
-    order = np.random.default_rng(np.random.SeedSequence([int(seed), 2**31 - 1])).permutation(num_subjects)
-    return {
-        "test": sorted(order[:n_test].tolist()),
-        "validation": sorted(order[n_test : n_test + n_val].tolist()),
-        "training": sorted(order[n_test + n_val :].tolist()),
-    }
-
-
 def write_phantom_dataset(
     output_dir,
     num_subjects: int,
@@ -766,7 +748,13 @@ def write_phantom_dataset(
     if num_subjects < 1:
         raise ValueError(f"num_subjects must be >= 1, got {num_subjects}")
     output_dir = Path(output_dir)
-    splits = _split_subjects(num_subjects, seed, val_fraction, test_fraction)
+    splits = split_subjects(range(num_subjects), val_fraction, test_fraction, seed)
+    wanted = {"training": 1.0, "validation": val_fraction, "test": test_fraction}
+    if empty := [name for name, ids in splits.items() if not ids and wanted[name] > 0]:
+        raise ValueError(
+            f"{num_subjects} subjects leave none for {', '.join(empty)} with val_fraction={val_fraction}, "
+            f"test_fraction={test_fraction}: make more subjects."
+        )
     split_of = {i: name for name, ids in splits.items() for i in ids}
     generator = BrainPhantomGenerator(geometry, seed=seed)
     image_dir = output_dir / "images"

@@ -18,7 +18,6 @@ from common.data.brain.mri_preparation import (
     discover_subjects,
     prepare_brain_mri,
     select_slices,
-    split_subjects,
 )
 from tests.helpers import REPO_ROOT
 
@@ -128,22 +127,6 @@ def test_monai_loads_datalist(prepared):
     assert tuple(sample["flair"].shape) == (1, 160, 224)
     assert tuple(float(p) for p in sample["image"].pixdim) == pytest.approx((1.0, 1.2))
     assert 0 <= float(sample["image"].min()) and float(sample["image"].max()) <= 1
-
-
-def test_split_by_subject_is_deterministic():
-    ids = [f"s{i:02d}" for i in range(10)]
-    a = split_subjects(ids, 0.2, 0.1, seed=3)
-    assert a == split_subjects(list(reversed(ids)), 0.2, 0.1, seed=3)  # discovery order does not matter
-    assert [len(a[k]) for k in ("training", "validation", "test")] == [7, 2, 1]
-    assert sorted(sum(a.values(), [])) == ids
-    assert any(split_subjects(ids, 0.2, 0.1, seed=s) != a for s in range(4, 10))
-    two = split_subjects(["a", "b"], 0.1, 0.1)  # one training subject always remains
-    assert [len(two[k]) for k in ("training", "validation", "test")] == [1, 0, 1]
-    assert split_subjects(["a"], 0.3, 0.3)["training"] == ["a"]
-    with pytest.raises(DataPreparationError, match="val_fraction"):
-        split_subjects(ids, 1.0, 0.0)
-    with pytest.raises(DataPreparationError, match="< 1"):
-        split_subjects(ids, 0.6, 0.5)
 
 
 def test_select_slices_and_crop_helpers():

@@ -154,7 +154,7 @@ def test_dataset_split_and_monai_loading(tmp_path):
     )
     assert len(list((tmp_path / "images").glob("*.nii.gz"))) == 3 * 2
     assert {e["subject"] for e in json.loads(path.read_text())["test"]}
-    with pytest.raises(ValueError, match="none for training"):
+    with pytest.raises(ValueError, match="leave none for validation"):
         write_phantom_dataset(tmp_path / "x", num_subjects=2, geometry=geometry, progress=False)
 
 
