@@ -21,7 +21,10 @@ def sample_requests(prompt: str, num_samples: int, seed: int, max_prompt_chars: 
     if not prompt.strip():
         raise ValueError('`prompt` is empty: give a description of the image to generate with --prompt "..."')
     if len(prompt) > max_prompt_chars:
-        raise ValueError(f"`prompt` has {len(prompt)} characters; CLIP reads at most 77 tokens (~300 characters).")
+        raise ValueError(
+            f"`prompt` has {len(prompt)} characters, more than the {max_prompt_chars} accepted; CLIP reads at most "
+            "77 tokens (longer prompts are truncated, with a warning): shorten it."
+        )
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

@@ -100,7 +100,8 @@ class PromptSamplingPrepareBatch(PrepareBatch):
         prompts = list(batchdata[self.prompt_key])
         context = self.prompt_encoder(prompts).to(device)
         uncond = self.prompt_encoder([self.empty_prompt] * len(prompts)).to(device)
-        # Only DDPM draws noise while sampling: one generator per sample keeps an image a function of its seed.
+        # DDPM and DDIM with eta > 0 draw noise while sampling: one generator per sample keeps an image a function
+        # of its seed, whatever the batch.
         generator = [torch.Generator(device=noise.device).manual_seed(int(s)) for s in batchdata[self.seed_key]]
         label = None
         if self.label_key is not None:

@@ -98,6 +98,11 @@ class SafeCheckpointLoader:
         if len(self.load_dict) == 1 and first not in checkpoint:
             return {first: checkpoint}  # a bare state dict for a single object
         missing = [key for key in self.load_dict if key not in checkpoint]
+        for key in [k for k in missing if getattr(self.load_dict[k], "optional_in_checkpoint", False)]:
+            self.logger.warning(
+                f"Checkpoint {self.load_path} has no '{key}' (written by an older version); not restored."
+            )
+            missing.remove(key)
         if missing:
             raise KeyError(
                 f"Checkpoint {self.load_path} has no {missing} (it holds {sorted(checkpoint)}): it was written by "
@@ -107,7 +112,7 @@ class SafeCheckpointLoader:
 
     def __call__(self, engine: Engine) -> None:
         checkpoint = self._checkpoint()
-        to_load = dict(self.load_dict)
+        to_load = {key: obj for key, obj in self.load_dict.items() if key in checkpoint}
         if not self.strict_shape:
             for key, obj in self.load_dict.items():
                 if isinstance(obj, torch.nn.Module):
@@ -126,3 +131,36 @@ class SafeCheckpointLoader:
             )
         engine.state.max_epochs = prior_max_epochs
         self.logger.info(f"Restored all variables from {self.load_path}")
+
+
+class GradScalerState:
+    """The AMP gradient scalers of a trainer as one object to checkpoint and restore.
+
+    MONAI keeps a trainer's ``GradScaler`` (``SupervisedTrainer.scaler``; ``state.g_scaler`` and ``state.d_scaler``
+    of adversarial trainers) out of the trainer's ``state_dict``, so without this a resumed AMP run would restart
+    its loss scale from 65536 and skip steps while it backs off again. Without AMP there is no scaler and the
+    state is empty, so a CPU checkpoint resumes on a GPU and the other way round. Checkpoints written before
+    this object existed resume with a warning (``optional_in_checkpoint``).
+    """
+
+    optional_in_checkpoint = True
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def _scalers(self) -> dict[str, Any]:
+        found = {}
+        if getattr(self.trainer, "scaler", None) is not None:
+            found["scaler"] = self.trainer.scaler
+        for key in ("g_scaler", "d_scaler"):
+            if (scaler := getattr(self.trainer.state, key, None)) is not None:
+                found[key] = scaler
+        return found
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: scaler.state_dict() for name, scaler in self._scalers().items()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
+        for name, scaler in self._scalers().items():
+            if state.get(name):  # an empty state: the checkpoint was written without AMP
+                scaler.load_state_dict(dict(state[name]))

@@ -19,8 +19,8 @@ class AutoencoderKLTrainer(AdversarialTrainer):
     The adversarial term and the discriminator updates start at epoch ``adversarial_start_epoch``
     (1-based, as Ignite counts): a warm-up that keeps an untrained discriminator from destabilising the
     early reconstruction. The core trainer's ``g_inferer`` cannot carry the latent mean and sigma that
-    KL needs, hence this subclass; construction, checkpointable state (``g_network``, ``d_network``,
-    both optimisers and scalers) and events are the core ones.
+    KL needs, hence this subclass; construction and events are the core ones. Checkpoints hold the networks, optimisers and the trainer
+    state, plus the AMP scalers through ``common.engines.resume.GradScalerState`` (MONAI's state dict leaves them out).
 
     Args:
         perceptual_loss: e.g. ``monai.losses.PerceptualLoss``, or ``None`` when its weights are not local.

@@ -36,9 +36,6 @@ __all__ = [
     "EOS_ID",
     "PAD_ID",
     "PromptError",
-    "PromptTooLongError",
-    "check_prompt",
-    "decode_ids",
     "load_clip_tokenizer",
     "normalize_prompt",
     "tokenize_prompts",
@@ -55,19 +52,6 @@ _RESERVED_LITERALS = ("<|startoftext|>", "<|endoftext|>", "<start_of_text>", "<e
 
 class PromptError(ValueError):
     """A prompt that cannot be used: not a string, empty when that is not allowed, or holding a reserved token."""
-
-
-class PromptTooLongError(PromptError):
-    """A prompt longer than the text encoder's context (raised by :func:`check_prompt` when asked to)."""
-
-    def __init__(self, prompt: str, num_tokens: int, max_length: int):
-        self.prompt = prompt
-        self.num_tokens = num_tokens
-        self.max_length = max_length
-        super().__init__(
-            f"prompt has {num_tokens} tokens (start and end tokens included), more than the {max_length} the text "
-            f"encoder reads; it would be truncated to {max_length} tokens: {prompt!r}"
-        )
 
 
 # --- text cleaning (the parts of ftfy.fix_text + html.unescape that open_clip applies) ---------------------------
@@ -211,27 +195,6 @@ def _check_string(prompt: Any) -> None:
         raise PromptError(f"prompt contains the reserved token {reserved[0]!r}: {prompt!r}")
 
 
-def check_prompt(tokenizer: Any, prompt: Any, allow_empty: bool = False, max_length: int | None = None) -> int:
-    """Validate one prompt and return its token count, start and end tokens included.
-
-    Compare the count with the context length (77) to warn about truncation, or pass ``max_length``
-    to have a :class:`PromptTooLongError` raised instead.
-
-    Raises:
-        PromptError (a ValueError): ``prompt`` is not a string; it is empty or whitespace and
-            ``allow_empty`` is False; it contains a literal start/end-of-text token (as text, these
-            would inject a control token).
-        PromptTooLongError (a ValueError): ``max_length`` is given and the prompt is longer.
-    """
-    _check_string(prompt)
-    if not allow_empty and not normalize_prompt(prompt):
-        raise PromptError("prompt is empty; give a text prompt (an empty prompt is only the unconditional input)")
-    num_tokens = len(_encode(tokenizer, [prompt])[0]) + 2
-    if max_length is not None and num_tokens > max_length:
-        raise PromptTooLongError(prompt, num_tokens, max_length)
-    return num_tokens
-
-
 def tokenize_prompts(
     tokenizer: Any, prompts: Sequence[str] | str, max_length: int = CLIP_CONTEXT_LENGTH, pad_id: int = PAD_ID
 ) -> tuple[torch.LongTensor, list[bool]]:
@@ -271,17 +234,3 @@ def tokenize_prompts(
         ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         truncated.append(cut)
     return ids, truncated
-
-
-def decode_ids(tokenizer: Any, ids: torch.Tensor | Sequence[int]) -> str:
-    """Text of one row from :func:`tokenize_prompts` (up to its end token; padding is not decoded).
-
-    Use this rather than ``tokenizer.decode(..., skip_special_tokens=True)``, which would turn the
-    padding id 0 into "!" characters: the pad token is deliberately not a special token of the BPE backend.
-    """
-    row = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
-    if row and row[0] == tokenizer.bos_token_id:
-        row = row[1:]
-    if tokenizer.eos_token_id in row:
-        row = row[: row.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(row, skip_special_tokens=True)

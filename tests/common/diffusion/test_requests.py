@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from common.data.condition_images import load_condition_image
-from common.diffusion.requests import translation_requests
+from common.diffusion.requests import sample_requests, translation_requests
 from tests.conftest import IMAGE_SIZE
 
 
@@ -26,3 +26,10 @@ def test_translation_requests_share_the_seed(tmp_path):
     assert [r["slice"] for r in requests] == [0, 1, 2] and {r["seed"] for r in requests} == {7}
     with pytest.raises(ValueError, match="seed"):
         translation_requests(v, seed=-1)
+
+
+def test_over_long_prompt_error_states_the_real_limit():
+    with pytest.raises(ValueError, match="1200 characters, more than the 1000 accepted"):
+        sample_requests("x" * 1200, 1, 0)
+    with pytest.raises(ValueError, match="more than the 50 accepted"):
+        sample_requests("x" * 60, 1, 0, max_prompt_chars=50)

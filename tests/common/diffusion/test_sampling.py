@@ -41,10 +41,14 @@ def _noise(seeds) -> torch.Tensor:
 # check_sampling_settings -----------------------------------------------------------------------------
 
 
-def test_valid_settings_pass():
-    check_sampling_settings(50, 7.0, "ddim", 1000)
-    check_sampling_settings(1000, 0.0, "ddpm", 1000)
-    check_sampling_settings(1, 1.0, "ddim", 1000)
+@pytest.mark.parametrize(("steps", "guidance", "scheduler"), [(50, 7.0, "ddim"), (1000, 0.0, "ddpm"), (1, 1.0, "ddim")])
+def test_valid_settings_build_a_sampler_that_uses_them(latent_space, steps, guidance, scheduler):
+    sampler = GuidedLatentSampler(
+        latent_space, SchedulerSettings(), scheduler=scheduler, num_inference_steps=steps, guidance_scale=guidance
+    )
+    sampler.scheduler.set_timesteps(sampler.num_inference_steps)
+    assert len(sampler.scheduler.timesteps) == steps and sampler.guidance_scale == guidance
+    assert sampler.scheduler_name == scheduler and not sampler.scheduler.clip_sample
 
 
 @pytest.mark.parametrize(

@@ -208,3 +208,55 @@ def test_safe_checkpoint_loader_in_a_bundle_config(tmp_path):
     )
     loader = parser.get_parsed_content("loader")
     assert loader.load_path == path and loader.sha256 is None
+
+
+def _amp_trainer(init_scale: float):
+    """A MONAI SupervisedTrainer with a real, enabled GradScaler on the CPU (what amp=True gives on a GPU)."""
+    from monai.engines import SupervisedTrainer
+
+    net = _net(3)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=2,
+        train_data_loader=[{"image": torch.ones(1, 4), "label": torch.zeros(1, 2)}],
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=torch.nn.MSELoss(),
+    )
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return trainer
+
+
+def test_amp_scaler_is_checkpointed_and_restored(tmp_path):
+    """A resumed AMP run keeps the loss scale it had reached instead of starting again from 65536.
+
+    MONAI's trainer makes a new GradScaler when ``run()`` starts; SafeCheckpointLoader restores at STARTED, after it.
+    """
+    from common.engines.resume import GradScalerState, SafeCheckpointLoader
+
+    trained = _amp_trainer(init_scale=1024.0)
+    trained.scaler.scale(torch.ones(()))  # the scale is made lazily, at the first scaled loss
+    trained.scaler.update(new_scale=256.0)  # where a run had backed off to
+    objects = {"trainer": trained, "amp_scaler": GradScalerState(trained)}
+    path = tmp_path / "checkpoint_epoch=1.pt"
+    torch.save({name: obj.state_dict() for name, obj in objects.items()}, path)  # what ignite's Checkpoint saves
+    assert load_weights(path)["amp_scaler"]["scaler"]["scale"] == 256.0
+
+    resumed = _amp_trainer(init_scale=65536.0)
+    loader = SafeCheckpointLoader(path, {"trainer": resumed, "amp_scaler": GradScalerState(resumed)})
+    loader(resumed)
+    assert resumed.scaler.get_scale() == 256.0
+
+
+def test_checkpoints_without_amp_or_from_before_resume(tmp_path, caplog):
+    from common.engines.resume import GradScalerState, SafeCheckpointLoader
+
+    trainer = _amp_trainer(init_scale=1024.0)
+    path = tmp_path / "old.pt"
+    torch.save({"trainer": trainer.state_dict()}, path)  # written before scalers were checkpointed
+    with caplog.at_level("WARNING"):
+        SafeCheckpointLoader(str(path), {"trainer": trainer, "amp_scaler": GradScalerState(trainer)}, name="t")(trainer)
+    assert "has no 'amp_scaler'" in caplog.text and trainer.scaler.get_scale() == 1024.0
+    torch.save({"trainer": trainer.state_dict(), "amp_scaler": {}}, path)  # a CPU run without AMP
+    SafeCheckpointLoader(str(path), {"trainer": trainer, "amp_scaler": GradScalerState(trainer)})(trainer)
+    assert trainer.scaler.get_scale() == 1024.0

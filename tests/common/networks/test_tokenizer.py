@@ -17,9 +17,6 @@ from common.networks.tokenizer import (
     EOS_ID,
     PAD_ID,
     PromptError,
-    PromptTooLongError,
-    check_prompt,
-    decode_ids,
     load_clip_tokenizer,
     normalize_prompt,
     tokenize_prompts,
@@ -182,44 +179,11 @@ def test_no_transformers_length_warning(tok, caplog):
     assert not [r for r in caplog.records if "longer than the specified maximum" in r.getMessage()]
 
 
-def test_decode_round_trip(tok):
-    ids, _ = tokenize_prompts(tok, ["T1-weighted image of a Brain!", ""])
-    assert decode_ids(tok, ids[0]) == "t 1 - weighted image of a brain !"
-    assert decode_ids(tok, ids[1]) == ""
-
-
 def test_tokenize_rejects_bad_input(tok):
     with pytest.raises(PromptError):
         tokenize_prompts(tok, ["ok", None])
     with pytest.raises(ValueError, match="reserved"):
         tokenize_prompts(tok, ["a <|endoftext|> b"])
-
-
-# --- check_prompt ---------------------------------------------------------------------------------------------------
-
-
-def test_check_prompt_counts_tokens(tok):
-    prompt = "T1-weighted image of a brain."
-    n = check_prompt(tok, prompt)
-    ids, _ = tokenize_prompts(tok, [prompt])
-    assert n == int((ids[0] != PAD_ID).sum()) == 11
-    assert check_prompt(tok, "", allow_empty=True) == 2
-    assert check_prompt(tok, "brain " * 100) == 102  # caller decides: 102 > 77 means truncation
-
-
-def test_check_prompt_errors(tok):
-    for bad in (None, 3, b"bytes", ["list"]):
-        with pytest.raises(ValueError, match="string"):
-            check_prompt(tok, bad)
-    for empty in ("", "   ", "\n\t"):
-        with pytest.raises(ValueError, match="empty"):
-            check_prompt(tok, empty)
-    with pytest.raises(ValueError, match="reserved"):
-        check_prompt(tok, "<start_of_text> brain")
-    with pytest.raises(PromptTooLongError, match="truncated to 77") as info:
-        check_prompt(tok, "brain " * 100, max_length=77)
-    assert isinstance(info.value, ValueError) and info.value.num_tokens == 102
-    assert check_prompt(tok, "brain " * 75, max_length=77) == 77
 
 
 def test_normalize_prompt():
