@@ -116,8 +116,8 @@ def read_architecture(
     records = weights.get(ARCHITECTURES_KEY, {})
     if key not in records:
         raise ValueError(
-            f"{path} does not record the architecture of its '{key}' network (files exported before version 0.3.0 "
-            "of the bundles do not). Add the record with `add-architecture-record --weights FILE --key "
+            f"{path} does not record the architecture of its '{key}' network (weight files exported before this project "
+            "recorded architectures do not). Add the record with `add-architecture-record --weights FILE --key "
             f"{key} --config_file CONFIG --network_id ID`, naming the config that defined the network."
         )
     return NetworkArchitecture.from_dict(records[key])

@@ -21,6 +21,8 @@ from tests.helpers.bundle_copy import copy_bundle
 from tests.helpers.bundle_runs import bundle_env, error_text, snapshot
 from tests.helpers.bundle_runs import workflow as bundle_workflow
 
+pytestmark = pytest.mark.bundle
+
 REPO = REPO_ROOT
 BUNDLE = REPO / "bundles" / "brain_t1_ldm"
 CONFIGS = BUNDLE / "configs"

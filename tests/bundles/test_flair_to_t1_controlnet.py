@@ -26,6 +26,8 @@ from tests.helpers.bundle_copy import copy_bundle
 from tests.helpers.bundle_runs import bundle_env, error_text, snapshot
 from tests.helpers.bundle_runs import workflow as bundle_workflow
 
+pytestmark = pytest.mark.bundle
+
 REPO = REPO_ROOT
 BUNDLE = REPO / "bundles" / "flair_to_t1_controlnet"
 CONFIGS = BUNDLE / "configs"

@@ -63,7 +63,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from common.data.datalists import split_subjects
+from common.data.splits import split_subjects
 from common.io.atomic import atomic_path, write_json
 
 __all__ = [
