@@ -67,6 +67,29 @@ def make_unet(seed: int = 0):
     return unet.eval()
 
 
+LATENT = (LATENT_CHANNELS, IMAGE_SIZE[0] // 2, IMAGE_SIZE[1] // 2)  # latent shape of make_autoencoder's images
+
+
+def make_controlnet(channels=(8, 8), embedding=(4, 8)):
+    """ControlNet matching :func:`make_unet` (its embedding downsamples x2, like the tiny autoencoder)."""
+    from monai.networks.nets import ControlNet
+
+    torch.manual_seed(1)
+    return ControlNet(
+        spatial_dims=2,
+        in_channels=LATENT_CHANNELS,
+        channels=channels,
+        num_res_blocks=1,
+        attention_levels=(False, True),
+        num_head_channels=(0, 8),
+        with_conditioning=True,
+        cross_attention_dim=CONTEXT_DIM,
+        norm_num_groups=8,
+        conditioning_embedding_in_channels=1,
+        conditioning_embedding_num_channels=embedding,
+    )
+
+
 def make_text_model(seed: int = 0):
     from common.networks.text_encoder import build_clip_text_model
 

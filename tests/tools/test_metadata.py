@@ -1,4 +1,4 @@
-"""Offline metadata validation against the project's copy of the zoo schema rules."""
+"""tools.release.metadata: offline metadata validation against the project's copy of the zoo schema rules."""
 
 from __future__ import annotations
 

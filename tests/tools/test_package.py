@@ -1,4 +1,4 @@
-"""tools/package_bundles.py: reproducible zoo zips with the shared package vendored, the index, and a bundle
+"""tools.release.package (package-bundles): reproducible zoo zips vendoring the modules they use, the index, and a bundle
 downloaded over HTTP with ``monai.bundle download`` that runs with the repository out of sight."""
 
 from __future__ import annotations
@@ -190,9 +190,9 @@ def test_downloaded_bundle_runs_with_the_repository_out_of_sight(dist, tmp_path)
     # every vendored module must be imported from the bundle folder (an editable install of this repository may
     # sit in the environment: it must never be what the bundle runs on)
     probe_code = (
-        "import importlib, json, sys, common; "
+        "import importlib.util, json, sys, common; "
         "mods = json.load(open('common/VENDORED.json'))['modules']; "
-        "files = [importlib.import_module(m).__file__ for m in mods]; "
+        "files = [importlib.util.find_spec(m).origin for m in mods]; "
         "print(json.dumps([common.__file__, files, sys.path]))"
     )
     probe = subprocess.run(

@@ -1,4 +1,4 @@
-"""tools/verify_bundles.py: passes for the shipped bundle, and names the cause when one rule is broken on purpose
+"""tools.release.verify (verify-bundles): passes for the shipped bundles, and names the cause when one rule is broken
 (on a temporary copy of the bundle)."""
 
 from __future__ import annotations

@@ -1,35 +1,21 @@
-"""common.controlnet, common.condition_images and common.translation_evaluation on tiny networks and files."""
+"""common.data.condition_images: reading and checking a condition slice or volume."""
 
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
 import pytest
 from monai.data import PILWriter
 
 from common.data.condition_images import load_condition_image, to_unit_range
 from tests.conftest import IMAGE_SIZE
-
-
-def _nifti(path, array, affine=None):
-    image = nib.Nifti1Image(
-        np.asarray(array, dtype=np.float32), np.diag([2.0, 2.0, 3.0, 1.0]) if affine is None else affine
-    )
-    image.header["descrip"] = b"test volume"
-    nib.save(image, str(path))
-    return path
-
-
-def _write(path, data: bytes):
-    path.write_bytes(data)
-    return path
+from tests.helpers.fakes import write_bytes, write_nifti
 
 
 def test_load_slice_and_volume(tmp_path):
     rng = np.random.default_rng(0)
-    s = load_condition_image(_nifti(tmp_path / "a.nii.gz", rng.random((16, 16))), IMAGE_SIZE, "FLAIR")
+    s = load_condition_image(write_nifti(tmp_path / "a.nii.gz", rng.random((16, 16))), IMAGE_SIZE, "FLAIR")
     assert s.kind == "slice" and s.slices.shape == (1, 1, 16, 16) and not s.rescaled
-    v = load_condition_image(_nifti(tmp_path / "v.nii.gz", rng.random((16, 16, 5)) * 800), IMAGE_SIZE, "FLAIR")
+    v = load_condition_image(write_nifti(tmp_path / "v.nii.gz", rng.random((16, 16, 5)) * 800), IMAGE_SIZE, "FLAIR")
     assert v.kind == "volume" and v.slices.shape == (5, 1, 16, 16) and v.rescaled
     assert 0 <= float(v.slices.min()) and float(v.slices.max()) <= 1
     assert v.stem == "v"
@@ -57,12 +43,12 @@ def test_png_input(tmp_path):
     ("make", "message"),
     [
         (lambda d: d / "missing.nii.gz", "not found"),
-        (lambda d: _write(d / "x.txt", b"hello"), "Unsupported file type"),
-        (lambda d: _write(d / "x.nii.gz", b"not a nifti"), "Cannot read"),
-        (lambda d: _nifti(d / "big.nii.gz", np.ones((32, 16)) * np.arange(16)), "expects (16, 16)"),
-        (lambda d: _nifti(d / "nan.nii.gz", np.where(np.eye(16) > 0, np.nan, 0.5)), "NaN"),
-        (lambda d: _nifti(d / "4d.nii.gz", np.random.rand(16, 16, 3, 2)), "exactly one (FLAIR)"),
-        (lambda d: _nifti(d / "flat.nii.gz", np.zeros((16, 16))), "constant"),
+        (lambda d: write_bytes(d / "x.txt", b"hello"), "Unsupported file type"),
+        (lambda d: write_bytes(d / "x.nii.gz", b"not a nifti"), "Cannot read"),
+        (lambda d: write_nifti(d / "big.nii.gz", np.ones((32, 16)) * np.arange(16)), "expects (16, 16)"),
+        (lambda d: write_nifti(d / "nan.nii.gz", np.where(np.eye(16) > 0, np.nan, 0.5)), "NaN"),
+        (lambda d: write_nifti(d / "4d.nii.gz", np.random.rand(16, 16, 3, 2)), "exactly one (FLAIR)"),
+        (lambda d: write_nifti(d / "flat.nii.gz", np.zeros((16, 16))), "constant"),
     ],
 )
 def test_bad_condition_images(tmp_path, make, message):

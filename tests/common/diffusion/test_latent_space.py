@@ -1,4 +1,4 @@
-"""common.latent: the scaled latent space of a frozen autoencoder and the stored noise-schedule settings."""
+"""common.diffusion.latent_space: the scaled latent space of a frozen autoencoder."""
 
 from __future__ import annotations
 

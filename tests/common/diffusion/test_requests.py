@@ -1,27 +1,18 @@
-"""common.controlnet, common.condition_images and common.translation_evaluation on tiny networks and files."""
+"""common.diffusion.requests: sample and translation requests, each with its own seed."""
 
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
 import pytest
 
 from common.data.condition_images import load_condition_image
 from common.diffusion.requests import sample_requests, translation_requests
 from tests.conftest import IMAGE_SIZE
-
-
-def _nifti(path, array, affine=None):
-    image = nib.Nifti1Image(
-        np.asarray(array, dtype=np.float32), np.diag([2.0, 2.0, 3.0, 1.0]) if affine is None else affine
-    )
-    image.header["descrip"] = b"test volume"
-    nib.save(image, str(path))
-    return path
+from tests.helpers.fakes import write_nifti
 
 
 def test_translation_requests_share_the_seed(tmp_path):
-    v = load_condition_image(_nifti(tmp_path / "v.nii.gz", np.random.rand(16, 16, 3)), IMAGE_SIZE, "FLAIR")
+    v = load_condition_image(write_nifti(tmp_path / "v.nii.gz", np.random.rand(16, 16, 3)), IMAGE_SIZE, "FLAIR")
     requests = translation_requests(v, seed=7, prompt="")
     assert [r["slice"] for r in requests] == [0, 1, 2] and {r["seed"] for r in requests} == {7}
     with pytest.raises(ValueError, match="seed"):

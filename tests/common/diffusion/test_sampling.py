@@ -1,4 +1,4 @@
-"""common.sampling: knob validation, sample requests, seeded noise and the guided latent sampler."""
+"""common.diffusion.sampling: knob validation, the guided latent sampler and the ControlNet sampler."""
 
 from __future__ import annotations
 
@@ -7,11 +7,25 @@ import torch
 
 from common.diffusion.latent_space import ScaledLatentSpace
 from common.diffusion.requests import SeededNoised, sample_requests
-from common.diffusion.sampling import GuidedLatentSampler, check_sampling_settings, latent_shape
+from common.diffusion.sampling import (
+    ControlNetGuidedSampler,
+    GuidedLatentSampler,
+    check_sampling_settings,
+    latent_shape,
+)
 from common.diffusion.schedules import SchedulerSettings
-from tests.conftest import CONTEXT_DIM, IMAGE_SIZE, LATENT_CHANNELS, CallRecorder, make_autoencoder
-
-LATENT = (LATENT_CHANNELS, IMAGE_SIZE[0] // 2, IMAGE_SIZE[1] // 2)
+from common.networks.controlnet import controlnet_from_unet
+from common.networks.freezing import freeze
+from tests.conftest import (
+    CONTEXT_DIM,
+    IMAGE_SIZE,
+    LATENT,
+    LATENT_CHANNELS,
+    CallRecorder,
+    make_autoencoder,
+    make_controlnet,
+    make_unet,
+)
 
 
 def _sampler(latent_space, guidance_scale=3.0, scheduler="ddim", steps=3, eta=0.0, **settings):
@@ -291,3 +305,47 @@ def test_ddim_eta_injects_noise_from_the_generator(latent_space, unet):
         return sampler(noise, unet, cond, uncond, generator=torch.Generator().manual_seed(1))
 
     assert not torch.allclose(run(0.0), run(1.0))
+
+
+# ControlNetGuidedSampler ------------------------------------------------------------------------
+
+
+def _inputs(batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, *LATENT, generator=g),
+        torch.randn(batch, 77, CONTEXT_DIM, generator=g),
+        torch.rand(batch, 1, *IMAGE_SIZE, generator=g),
+    )
+
+
+def test_guided_sampler_uses_condition_and_scale(latent_space):
+    unet = freeze(make_unet())
+    controlnet = controlnet_from_unet(make_controlnet(), unet.state_dict())
+    with torch.no_grad():  # a trained ControlNet: non-zero output convolutions
+        for name, p in controlnet.named_parameters():
+            if "zero" in name or name.startswith("controlnet_"):
+                p.normal_(0, 0.2)
+    latents, context, cond = _inputs()
+    uncond = torch.zeros_like(context)
+
+    def sample(scale, guidance, condition):
+        sampler = ControlNetGuidedSampler(
+            latent_space,
+            SchedulerSettings(num_train_timesteps=100),
+            diffusion_model=unet,
+            conditioning_scale=scale,
+            num_inference_steps=3,
+            guidance_scale=guidance,
+            progress=False,
+        )
+        return sampler(latents, controlnet, context=context, uncond_context=uncond, controlnet_cond=condition)
+
+    a = sample(1.0, 3.0, cond)
+    assert a.shape == (2, 1, *IMAGE_SIZE)
+    assert torch.equal(a, sample(1.0, 3.0, cond)), "deterministic with DDIM"
+    assert not torch.allclose(a, sample(1.0, 3.0, cond.flip(0))), "the condition steers the output"
+    # conditioning_scale 0 removes the ControlNet: the output no longer depends on the condition.
+    assert torch.allclose(sample(0.0, 1.0, cond), sample(0.0, 1.0, cond.flip(0)))
+    with pytest.raises(ValueError, match="conditioning_scale"):
+        ControlNetGuidedSampler(latent_space, SchedulerSettings(), diffusion_model=unet, conditioning_scale=-1)

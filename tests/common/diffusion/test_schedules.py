@@ -1,4 +1,4 @@
-"""common.latent: the scaled latent space of a frozen autoencoder and the stored noise-schedule settings."""
+"""common.diffusion.schedules: the noise-schedule settings stored with diffusion weights."""
 
 from __future__ import annotations
 

@@ -1,36 +1,15 @@
-"""common.controlnet, common.condition_images and common.translation_evaluation on tiny networks and files."""
+"""common.engines.inferers: the ControlNet training forward pass and the reconstruction inferer."""
 
 from __future__ import annotations
 
 import torch
-from monai.networks.nets import ControlNet
 
 from common.diffusion.schedules import SchedulerSettings
-from common.engines.inferers import ControlNetTrainingInferer
+from common.engines.inferers import ControlNetTrainingInferer, ReconstructionInferer
 from common.engines.prepare_batch import ControlNetPrepareBatch
 from common.networks.controlnet import controlnet_from_unet
 from common.networks.freezing import freeze
-from tests.conftest import CONTEXT_DIM, IMAGE_SIZE, LATENT_CHANNELS, make_unet
-
-LATENT = (LATENT_CHANNELS, IMAGE_SIZE[0] // 2, IMAGE_SIZE[1] // 2)
-
-
-def make_controlnet(channels=(8, 8), embedding=(4, 8)) -> ControlNet:
-    """ControlNet matching ``make_unet`` (its embedding downsamples x2, like the tiny autoencoder)."""
-    torch.manual_seed(1)
-    return ControlNet(
-        spatial_dims=2,
-        in_channels=LATENT_CHANNELS,
-        channels=channels,
-        num_res_blocks=1,
-        attention_levels=(False, True),
-        num_head_channels=(0, 8),
-        with_conditioning=True,
-        cross_attention_dim=CONTEXT_DIM,
-        norm_num_groups=8,
-        conditioning_embedding_in_channels=1,
-        conditioning_embedding_num_channels=embedding,
-    )
+from tests.conftest import IMAGE_SIZE, make_controlnet, make_unet
 
 
 def test_training_inferer_trains_only_the_controlnet(latent_space, prompt_encoder):
@@ -54,3 +33,15 @@ def test_training_inferer_trains_only_the_controlnet(latent_space, prompt_encode
     zero_conv_grads = [p.grad for n, p in controlnet.named_parameters() if "zero" in n or "controlnet_" in n]
     assert any(g is not None and g.abs().sum() > 0 for g in zero_conv_grads)
     assert all(p.grad is None for p in unet.parameters())
+
+
+def test_reconstruction_inferer_returns_only_the_reconstruction(autoencoder, images):
+    autoencoder.eval()
+    with torch.no_grad():
+        torch.manual_seed(0)  # AutoencoderKL.forward samples z from the posterior
+        recon = ReconstructionInferer()(images, autoencoder)
+        torch.manual_seed(0)
+        expected, _, _ = autoencoder(images)
+    assert isinstance(recon, torch.Tensor)
+    assert recon.shape == images.shape
+    torch.testing.assert_close(recon, expected)

@@ -1,4 +1,4 @@
-"""common.engines: prepare_batch callables, the AutoencoderKL adversarial trainer and the reconstruction inferer."""
+"""common.engines.losses: patch adversarial losses on the discriminator's last output."""
 
 from __future__ import annotations
 

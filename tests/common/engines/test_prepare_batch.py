@@ -1,4 +1,4 @@
-"""common.engines: prepare_batch callables, the AutoencoderKL adversarial trainer and the reconstruction inferer."""
+"""common.engines.prepare_batch: batch dicts -> autoencoder, latent diffusion and sampling inputs."""
 
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ from common.engines.prepare_batch import (
     LatentDiffusionPrepareBatch,
     PromptSamplingPrepareBatch,
 )
-from tests.conftest import CONTEXT_DIM, IMAGE_SIZE, LATENT_CHANNELS
-
-LATENT = (LATENT_CHANNELS, IMAGE_SIZE[0] // 2, IMAGE_SIZE[1] // 2)
+from tests.conftest import CONTEXT_DIM, IMAGE_SIZE, LATENT
 
 
 def _training_batch(images):

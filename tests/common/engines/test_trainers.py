@@ -1,4 +1,4 @@
-"""common.engines: prepare_batch callables, the AutoencoderKL adversarial trainer and the reconstruction inferer."""
+"""common.engines.trainers: the AutoencoderKL recipe (KL, perceptual, adversarial warm-up)."""
 
 from __future__ import annotations
 

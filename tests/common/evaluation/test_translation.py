@@ -1,37 +1,16 @@
-"""common.controlnet, common.condition_images and common.translation_evaluation on tiny networks and files."""
+"""common.evaluation.translation: per-image metrics, mean +- std, published only when asked."""
 
 from __future__ import annotations
 
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from common.evaluation.publishing import BundleDocs
 from common.evaluation.translation import TranslationReport
-
-
-def _nifti(path, array, affine=None):
-    image = nib.Nifti1Image(
-        np.asarray(array, dtype=np.float32), np.diag([2.0, 2.0, 3.0, 1.0]) if affine is None else affine
-    )
-    image.header["descrip"] = b"test volume"
-    nib.save(image, str(path))
-    return path
-
-
-def _write(path, data: bytes):
-    path.write_bytes(data)
-    return path
-
-
-class _Engine:
-    """The part of an Ignite engine the writer reads: decollated batch and output of one iteration."""
-
-    def __init__(self, batch, output):
-        self.state = type("S", (), {"batch": batch, "output": output})()
+from tests.helpers.fakes import FakeEngine
 
 
 def test_translation_report_writes_results(tmp_path):
@@ -60,7 +39,7 @@ def test_translation_report_writes_results(tmp_path):
     g = torch.Generator().manual_seed(0)
     for _ in range(2):
         label = torch.rand(2, 1, 64, 64, generator=g)
-        engine = _Engine(
+        engine = FakeEngine(
             [{"flair": torch.rand(1, 64, 64, generator=g)} for _ in range(2)],
             [{"pred": (x + 0.05).clamp(0, 1), "label": x} for x in label],
         )
@@ -85,7 +64,7 @@ def test_translation_report_without_publishing_writes_nothing(tmp_path):
     report.reset()
     x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     report.collect(
-        _Engine([{"flair": x[0]}, {"flair": x[1]}], [{"pred": x[0], "label": x[0]}, {"pred": x[1], "label": x[1]}])
+        FakeEngine([{"flair": x[0]}, {"flair": x[1]}], [{"pred": x[0], "label": x[0]}, {"pred": x[1], "label": x[1]}])
     )
     results = report.report()
     assert results["metrics"]["mae"] == 0.0
@@ -96,7 +75,7 @@ def test_figure_orientation_is_a_parameter():
     report = TranslationReport((64, 64), condition_key="c", display_orientation="ras_axial", figure_rows=1)
     report.reset()
     x = torch.arange(64 * 64, dtype=torch.float32).reshape(1, 1, 64, 64) / 4096
-    report.collect(_Engine([{"c": x[0]}], [{"pred": x[0], "label": x[0]}]))
+    report.collect(FakeEngine([{"c": x[0]}], [{"pred": x[0], "label": x[0]}]))
     np.testing.assert_array_equal(report.examples[0][:, :64], np.flipud(x[0, 0].numpy().T))
     with pytest.raises(ValueError, match="display orientation"):
         TranslationReport((64, 64), display_orientation="sideways")

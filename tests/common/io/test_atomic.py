@@ -1,4 +1,4 @@
-"""common.outputs and common.io: generated images as NIfTI + PNG + JSON sidecar, written atomically."""
+"""common.io.atomic: outputs are written to a temporary name and renamed."""
 
 from __future__ import annotations
 

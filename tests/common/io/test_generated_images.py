@@ -1,4 +1,4 @@
-"""common.outputs and common.io: generated images as NIfTI + PNG + JSON sidecar, written atomically."""
+"""common.io.generated_images: NIfTI + PNG + JSON sidecar per generated image."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""common.controlnet, common.condition_images and common.translation_evaluation on tiny networks and files."""
+"""common.io.translated_images: the translation keeps the input's affine and header."""
 
 from __future__ import annotations
 
@@ -12,37 +12,17 @@ import torch
 from common.data.condition_images import load_condition_image
 from common.io.translated_images import TranslatedImageWriter
 from tests.conftest import IMAGE_SIZE
-
-
-def _nifti(path, array, affine=None):
-    image = nib.Nifti1Image(
-        np.asarray(array, dtype=np.float32), np.diag([2.0, 2.0, 3.0, 1.0]) if affine is None else affine
-    )
-    image.header["descrip"] = b"test volume"
-    nib.save(image, str(path))
-    return path
-
-
-def _write(path, data: bytes):
-    path.write_bytes(data)
-    return path
-
-
-class _Engine:
-    """The part of an Ignite engine the writer reads: decollated batch and output of one iteration."""
-
-    def __init__(self, batch, output):
-        self.state = type("S", (), {"batch": batch, "output": output})()
+from tests.helpers.fakes import FakeEngine, write_nifti
 
 
 def test_writer_keeps_volume_affine_and_header(tmp_path):
     affine = np.array([[0, -2.0, 0, 10], [2.0, 0, 0, -5], [0, 0, 3.0, 1], [0, 0, 0, 1]])
-    src = _nifti(tmp_path / "sub_FLAIR.nii.gz", np.random.rand(16, 16, 3), affine)
+    src = write_nifti(tmp_path / "sub_FLAIR.nii.gz", np.random.rand(16, 16, 3), affine)
     cond = load_condition_image(src, IMAGE_SIZE, "FLAIR")
     writer = TranslatedImageWriter(cond, str(tmp_path / "out"), seed=3, spacing=(2, 2), sidecar={"bundle": "b"})
     # slices arrive out of order and in two iterations
     for ks in ([2, 0], [1]):
-        writer.collect(_Engine([{"slice": k} for k in ks], [{"pred": torch.full((1, 16, 16), k / 4)} for k in ks]))
+        writer.collect(FakeEngine([{"slice": k} for k in ks], [{"pred": torch.full((1, 16, 16), k / 4)} for k in ks]))
     files = writer.write()
     out = nib.load(files[0])
     assert files[0].name == "sub_FLAIR_T1w_seed3.nii.gz" and len(files) == 1  # no PNG for a volume
@@ -54,9 +34,9 @@ def test_writer_keeps_volume_affine_and_header(tmp_path):
 
 
 def test_writer_refuses_missing_slices(tmp_path):
-    cond = load_condition_image(_nifti(tmp_path / "v.nii.gz", np.random.rand(16, 16, 2)), IMAGE_SIZE, "FLAIR")
+    cond = load_condition_image(write_nifti(tmp_path / "v.nii.gz", np.random.rand(16, 16, 2)), IMAGE_SIZE, "FLAIR")
     writer = TranslatedImageWriter(cond, str(tmp_path / "out"), seed=0, spacing=(1, 1))
-    writer.collect(_Engine([{"slice": 0}], [{"pred": torch.zeros(1, 16, 16)}]))
+    writer.collect(FakeEngine([{"slice": 0}], [{"pred": torch.zeros(1, 16, 16)}]))
     with pytest.raises(RuntimeError, match="nothing written"):
         writer.write()
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""common.metrics: MS-SSIM settings valid for the image size, diversity MS-SSIM and FID."""
+"""common.metrics.fid: Frechet distance between feature sets."""
 
 from __future__ import annotations
 

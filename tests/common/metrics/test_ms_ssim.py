@@ -1,4 +1,4 @@
-"""common.metrics: MS-SSIM settings valid for the image size, diversity MS-SSIM and FID."""
+"""common.metrics.ms_ssim: settings valid for the image size, fidelity and diversity MS-SSIM."""
 
 from __future__ import annotations
 

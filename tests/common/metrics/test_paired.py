@@ -1,4 +1,4 @@
-"""common.controlnet, common.condition_images and common.translation_evaluation on tiny networks and files."""
+"""common.metrics.paired: per-image PSNR, MAE and MS-SSIM."""
 
 from __future__ import annotations
 

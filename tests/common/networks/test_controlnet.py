@@ -1,10 +1,9 @@
-"""common.controlnet, common.condition_images and common.translation_evaluation on tiny networks and files."""
+"""common.networks.controlnet and freezing: initialisation from the UNet, base-model fingerprint."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from monai.networks.nets import ControlNet
 
 from common.networks.controlnet import (
     BaseModelRecord,
@@ -14,27 +13,7 @@ from common.networks.controlnet import (
     unet_fingerprint,
 )
 from common.networks.freezing import freeze
-from tests.conftest import CONTEXT_DIM, IMAGE_SIZE, LATENT_CHANNELS, make_unet
-
-LATENT = (LATENT_CHANNELS, IMAGE_SIZE[0] // 2, IMAGE_SIZE[1] // 2)
-
-
-def make_controlnet(channels=(8, 8), embedding=(4, 8)) -> ControlNet:
-    """ControlNet matching ``make_unet`` (its embedding downsamples x2, like the tiny autoencoder)."""
-    torch.manual_seed(1)
-    return ControlNet(
-        spatial_dims=2,
-        in_channels=LATENT_CHANNELS,
-        channels=channels,
-        num_res_blocks=1,
-        attention_levels=(False, True),
-        num_head_channels=(0, 8),
-        with_conditioning=True,
-        cross_attention_dim=CONTEXT_DIM,
-        norm_num_groups=8,
-        conditioning_embedding_in_channels=1,
-        conditioning_embedding_num_channels=embedding,
-    )
+from tests.conftest import CONTEXT_DIM, IMAGE_SIZE, LATENT, make_controlnet, make_unet
 
 
 def _inputs(batch=2, seed=0):

@@ -1,4 +1,4 @@
-"""FID feature extractors (``common.feature_extractors``) and the tool that trains the phantom one."""
+"""common.networks.feature_extractors (FID features) and train-feature-network."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""common.text.encoder and common.text.transforms: the frozen CLIP prompt encoder, loading, prompt dropout."""
+"""common.networks.text_encoder: the frozen CLIP prompt encoder and how text towers are loaded."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import pytest
 import torch
 
-from common.data.transforms import PromptDropoutd
 from common.networks.text_encoder import CLIPPromptEncoder, build_clip_text_model, load_pretrained_text_model
 from common.networks.tokenizer import tokenize_prompts
 from tests.conftest import CONTEXT_DIM, make_prompt_encoder, make_text_model
@@ -194,40 +193,3 @@ def test_local_directory_round_trip(tmp_path, monkeypatch):
 def test_missing_local_directory_is_not_treated_as_local(tmp_path):
     with pytest.raises(ValueError, match="neither a local directory nor pinned"):
         load_pretrained_text_model(str(tmp_path / "no_such_dir"))
-
-
-# PromptDropoutd --------------------------------------------------------------------------------------
-
-
-def test_prompt_dropout_always():
-    data = {"caption": PROMPT, "image": 1}
-    out = PromptDropoutd(keys="caption", prob=1.0)(data)
-    assert out == {"caption": "", "image": 1}
-    assert data["caption"] == PROMPT  # input not mutated
-
-
-def test_prompt_dropout_never():
-    out = PromptDropoutd(keys=["caption"], prob=0.0)({"caption": PROMPT})
-    assert out["caption"] == PROMPT
-
-
-def test_prompt_dropout_custom_empty_prompt_and_several_keys():
-    out = PromptDropoutd(keys=["a", "b"], prob=1.0, empty_prompt="<none>")({"a": "x", "b": "y", "c": "z"})
-    assert out == {"a": "<none>", "b": "<none>", "c": "z"}
-
-
-@pytest.mark.parametrize("prob", [-0.1, 1.5])
-def test_prompt_dropout_invalid_prob(prob):
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        PromptDropoutd(keys="caption", prob=prob)
-
-
-def test_prompt_dropout_rate_and_reproducibility():
-    def draws(seed):
-        t = PromptDropoutd(keys="caption", prob=0.1)
-        t.set_random_state(seed=seed)
-        return [t({"caption": PROMPT})["caption"] == "" for _ in range(2000)]
-
-    a = draws(0)
-    assert a == draws(0)
-    assert 0.07 < sum(a) / len(a) < 0.13

@@ -1,4 +1,4 @@
-"""CLIP tokenizer: same ids as open_clip's SimpleTokenizer, SD-2 padding, truncation, prompt validation."""
+"""common.networks.tokenizer and build-clip-tokenizer: same ids as open_clip, SD-2 padding, truncation."""
 
 from __future__ import annotations
 

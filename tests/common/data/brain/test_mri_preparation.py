@@ -1,4 +1,4 @@
-"""Real-data preparation (UK Biobank layout) on small synthetic NIfTI volumes written by the tests."""
+"""common.data.brain.mri_preparation and prepare-brain-mri: UK Biobank layout, on small NIfTI volumes the tests write."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the synthetic brain MRI phantoms (common/data/brain_phantoms.py) and tools/make_brain_phantoms.py."""
+"""common.data.brain.phantoms and make-brain-phantoms: synthetic brain MRI with known truth."""
 
 from __future__ import annotations
 
