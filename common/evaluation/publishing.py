@@ -90,11 +90,18 @@ def check_publishable(publish: bool, complete: bool, enough_samples: bool = True
         )
 
 
-def run_provenance(weight_files: Mapping[str, str | Path]) -> dict[str, Any]:
-    """What produced a set of results: the command actually run, the weight files (sha256, demo or not)."""
+def run_provenance(weight_files: Mapping[str, str | Path], bundle_root: str | Path | None = None) -> dict[str, Any]:
+    """What produced a set of results: the command actually run, the weight files (sha256, demo or not).
+
+    A command run from inside the bundle folder is recorded as ``cd <bundle folder name> && <command>``, so that it
+    can be repeated from the folder holding the bundle (as the Model Zoo lays bundles out).
+    """
     weights = weights_provenance(weight_files)
+    command = command_line()
+    if bundle_root is not None and Path(bundle_root).resolve() == Path.cwd().resolve():
+        command = f"cd {Path.cwd().name} && {command}"
     return {
-        "command": command_line(),
+        "command": command,
         "demo_weights": uses_demo_weights(weights),
         "weights": weights,
         "common_version": common.__version__,

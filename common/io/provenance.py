@@ -18,7 +18,7 @@ PROVENANCE_KEY = "provenance"
 
 
 def weights_provenance(files: Mapping[str, str | Path]) -> dict[str, dict[str, Any]]:
-    """``{name: {"file", "sha256", "demo"}}`` for the weight files that produced an output.
+    """``{name: {"file", "sha256", "demo"}}`` for the weight files that produced an output (``file``: the name).
 
     ``demo`` is what the file itself declares under ``"provenance"`` (the demo weights shipped in the
     bundles say ``True``); a file that declares nothing is not demo weights. A missing file raises
@@ -28,12 +28,12 @@ def weights_provenance(files: Mapping[str, str | Path]) -> dict[str, dict[str, A
     for name, path in files.items():
         path = Path(path)
         if path.is_dir():  # a pretrained transformers folder: named, not hashed
-            record[name] = {"file": str(path.resolve()), "sha256": None, "demo": False}
+            record[name] = {"file": path.name, "sha256": None, "demo": False}
             continue
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         declared = state.get(PROVENANCE_KEY, {}) if isinstance(state, dict) else {}
         record[name] = {
-            "file": str(path.resolve()),
+            "file": path.name,
             "sha256": sha256sum(path),
             "demo": bool(declared.get("demo", False)),
         }
