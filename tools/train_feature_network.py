@@ -31,9 +31,10 @@ from monai.transforms import LoadImage
 from monai.utils import set_determinism
 from tqdm import tqdm
 
+from common.data.brain.phantoms import FEATURE_TARGETS
 from common.data.datalists import load_datalist
 from common.io.atomic import atomic_path
-from common.networks.feature_extractors import PHANTOM_TARGETS, PhantomFeatureNet
+from common.networks.feature_extractors import PhantomFeatureNet
 
 DEFAULT_OUTPUT = "bundles/brain_t1_ldm/models/feature_network.pt"
 
@@ -112,7 +113,7 @@ def train_feature_network(
         torch.set_num_threads(int(num_threads))
     set_determinism(seed=seed)
     torch.use_deterministic_algorithms(True)
-    targets = PHANTOM_TARGETS
+    targets = FEATURE_TARGETS
     start = time.perf_counter()
     train_x, train_y = load_split(dataset_dir, "training", targets, limit=train_limit)
     val_x, val_y = load_split(dataset_dir, "validation", targets, limit=val_limit)

@@ -34,7 +34,7 @@ class TranslatedImageWriter:
         output_dir: destination folder (created).
         seed: the seed of the requests (names the files).
         spacing: pixel spacing in mm for outputs of a PNG input.
-        suffix: what the output is, e.g. ``"T1w"``.
+        suffix: what the output is, e.g. ``"T1w"`` (names the files).
         sidecar: constant fields for the sidecar.
         provenance: what made the output (``common.io.provenance.output_provenance``: bundle, version, weight
             hashes, demo or not), first in the sidecar.
@@ -48,7 +48,7 @@ class TranslatedImageWriter:
         output_dir: str,
         seed: int,
         spacing: Sequence[float],
-        suffix: str = "T1w",
+        suffix: str,
         sidecar: dict[str, Any] | None = None,
         provenance: Mapping[str, Any] | None = None,
         pred_key: str = "pred",

@@ -3,7 +3,7 @@
 Two kinds, chosen by name with :func:`build_feature_extractor`:
 
 - ``"phantom"``: :class:`PhantomFeatureNet`, a small CNN the project trains on phantom data to regress
-  brain-morphology targets (``tools/train_feature_network.py``); its global-average-pooled embedding
+  the known facts of phantom images (``train-feature-network``); its global-average-pooled embedding
   (``D = 64``) is the FID feature. Works offline, for the demo and for tests.
 - ``"radimagenet_resnet50"``: the RadImageNet ResNet50 that MONAI's ``PerceptualLoss`` uses, loaded with
   ``torch.hub`` from a local hub directory only (never downloaded at run time); spatially averaged
@@ -28,8 +28,6 @@ from common.io.weights import load_weights
 #: Names accepted by :func:`build_feature_extractor`.
 FEATURE_EXTRACTOR_KINDS = ("phantom", "radimagenet_resnet50")
 
-#: Regression targets of the phantom feature network: datalist keys, in output order.
-PHANTOM_TARGETS = ("age", "ventricle_volume_ml", "gm_fraction", "wm_fraction", "csf_fraction", "wmh_volume_ml")
 
 PHANTOM_HOW_TO_GET = (
     "Train one on phantoms (a few CPU minutes) with `train-feature-network --dataset_dir DIR --output FILE`."
@@ -50,7 +48,7 @@ RADIMAGENET_BGR_MEAN = (0.406, 0.456, 0.485)
 
 
 class PhantomFeatureNet(nn.Module):
-    """Small 2D CNN whose pooled embedding serves as FID feature, trained to regress brain-morphology targets.
+    """Small 2D CNN whose pooled embedding serves as FID feature, trained to regress the facts of phantom images.
 
     Four stages of MONAI ``Convolution`` blocks (3x3 conv, batch norm, ReLU); the first block of each stage halves
     the resolution, the others keep it. Global average pooling follows, so any ``H, W`` divisible by 16 works
@@ -59,7 +57,8 @@ class PhantomFeatureNet(nn.Module):
     Args:
         channels: output channels of the four stages; the last is the feature size ``D``.
         depths: convolution blocks per stage.
-        num_targets: ``K``, the number of regression outputs (standardized targets, see ``PHANTOM_TARGETS``).
+        num_targets: ``K``, the number of regression outputs (standardized targets: the phantom facts named in the
+            checkpoint's ``targets``, e.g. ``common.data.brain.phantoms.FEATURE_TARGETS``).
         in_channels: image channels (1 for a grayscale slice).
     """
 
@@ -67,7 +66,7 @@ class PhantomFeatureNet(nn.Module):
         self,
         channels: Sequence[int] = (8, 16, 32, 64),
         depths: Sequence[int] = (1, 1, 2, 2),
-        num_targets: int = len(PHANTOM_TARGETS),
+        num_targets: int = 6,
         in_channels: int = 1,
     ) -> None:
         super().__init__()
@@ -218,7 +217,7 @@ def load_phantom_feature_net(
     network = PhantomFeatureNet(
         channels=config.get("channels", (8, 16, 32, 64)),
         depths=config.get("depths", (1, 1, 2, 2)),
-        num_targets=config.get("num_targets", len(state.get("targets", PHANTOM_TARGETS))),
+        num_targets=config.get("num_targets", len(state["targets"])),
     )
     network.load_state_dict(state["feature_network"])
     return network.eval(), state

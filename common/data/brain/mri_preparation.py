@@ -1,4 +1,4 @@
-"""Preparation of real brain MRI (UK Biobank layout) into the 2D slice data set of ``brain_t1_ldm``.
+"""Preparation of real brain MRI (UK Biobank layout) into a 2D slice data set of T1w (and FLAIR) axial slices.
 
 What "Controllable Medical Image Generation with ControlNets" trained on: registered (MNI) brain-extracted
 T1-weighted volumes, optionally with the matching FLAIR, turned into 2D axial slices of 160 x 224 in [0, 1].

@@ -106,6 +106,10 @@ _AFFINE_CENTRE_MM = np.array([0.0, -17.0, 5.0])
 _TISSUES = ("csf", "gm", "wm", "wmh")
 
 
+#: Facts of every phantom slice that the FID feature network learns to regress (datalist keys, in output order).
+FEATURE_TARGETS = ("age", "ventricle_volume_ml", "gm_fraction", "wm_fraction", "csf_fraction", "wmh_volume_ml")
+
+
 def subject_id(index: int) -> str:
     """BIDS-like subject label of a phantom index: ``7 -> "sub-0007"``."""
     return f"sub-{int(index):04d}"

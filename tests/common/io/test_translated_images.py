@@ -19,7 +19,9 @@ def test_writer_keeps_volume_affine_and_header(tmp_path):
     affine = np.array([[0, -2.0, 0, 10], [2.0, 0, 0, -5], [0, 0, 3.0, 1], [0, 0, 0, 1]])
     src = write_nifti(tmp_path / "sub_FLAIR.nii.gz", np.random.rand(16, 16, 3), affine)
     cond = load_condition_image(src, IMAGE_SIZE, "FLAIR")
-    writer = TranslatedImageWriter(cond, str(tmp_path / "out"), seed=3, spacing=(2, 2), sidecar={"bundle": "b"})
+    writer = TranslatedImageWriter(
+        cond, str(tmp_path / "out"), seed=3, spacing=(2, 2), suffix="T1w", sidecar={"bundle": "b"}
+    )
     # slices arrive out of order and in two iterations
     for ks in ([2, 0], [1]):
         writer.collect(FakeEngine([{"slice": k} for k in ks], [{"pred": torch.full((1, 16, 16), k / 4)} for k in ks]))
@@ -35,7 +37,7 @@ def test_writer_keeps_volume_affine_and_header(tmp_path):
 
 def test_writer_refuses_missing_slices(tmp_path):
     cond = load_condition_image(write_nifti(tmp_path / "v.nii.gz", np.random.rand(16, 16, 2)), IMAGE_SIZE, "FLAIR")
-    writer = TranslatedImageWriter(cond, str(tmp_path / "out"), seed=0, spacing=(1, 1))
+    writer = TranslatedImageWriter(cond, str(tmp_path / "out"), seed=0, spacing=(1, 1), suffix="T1w")
     writer.collect(FakeEngine([{"slice": 0}], [{"pred": torch.zeros(1, 16, 16)}]))
     with pytest.raises(RuntimeError, match="nothing written"):
         writer.write()

@@ -11,9 +11,9 @@ import pytest
 import torch
 from monai.metrics import FIDMetric
 
+from common.data.brain.phantoms import FEATURE_TARGETS
 from common.io.weights import load_weights
 from common.networks.feature_extractors import (
-    PHANTOM_TARGETS,
     FeatureExtractor,
     PhantomFeatureNet,
     build_feature_extractor,
@@ -37,7 +37,7 @@ def _save_random_checkpoint(path: Path, seed: int = 0) -> None:
         {
             "feature_network": net.state_dict(),
             "network_config": {"channels": list(net.channels), "depths": list(net.depths), "num_targets": 6},
-            "targets": list(PHANTOM_TARGETS),
+            "targets": list(FEATURE_TARGETS),
         },
         path,
     )
@@ -64,7 +64,7 @@ def test_phantom_net_shapes(size):
     x = torch.rand(3, 1, *size)
     with torch.no_grad():
         assert net.features(x).shape == (3, net.feature_dim) == (3, 64)
-        assert net(x).shape == (3, len(PHANTOM_TARGETS))
+        assert net(x).shape == (3, len(FEATURE_TARGETS))
 
 
 def test_phantom_net_rejects_bad_size():
@@ -151,7 +151,7 @@ def test_train_tool_writes_weights_only_checkpoint(tmp_path):
     for i in range(6):
         name = f"images/img{i}.nii.gz"
         nib.save(nib.Nifti1Image(rng.random((32, 48), dtype=np.float32), np.eye(4)), str(tmp_path / name))
-        entries.append({"image": name, **{t: float(rng.random() + i) for t in PHANTOM_TARGETS}})
+        entries.append({"image": name, **{t: float(rng.random() + i) for t in FEATURE_TARGETS}})
     (tmp_path / "datalist.json").write_text(json.dumps({"training": entries[:4], "validation": entries[4:]}))
     out = tmp_path / "fn.pt"
     try:
@@ -160,9 +160,9 @@ def test_train_tool_writes_weights_only_checkpoint(tmp_path):
         )
     finally:
         torch.use_deterministic_algorithms(False)  # the tool turns it on process-wide
-    assert set(result["validation_r2"]) == set(PHANTOM_TARGETS)
+    assert set(result["validation_r2"]) == set(FEATURE_TARGETS)
     state = load_weights(out)
-    assert state["targets"] == list(PHANTOM_TARGETS) and len(state["target_mean"]) == len(PHANTOM_TARGETS)
+    assert state["targets"] == list(FEATURE_TARGETS) and len(state["target_mean"]) == len(FEATURE_TARGETS)
     features = build_feature_extractor("phantom", str(out))(torch.rand(2, 1, 32, 48))
     assert features.shape == (2, 8)
 
@@ -171,7 +171,7 @@ def test_train_tool_writes_weights_only_checkpoint(tmp_path):
 def test_shipped_weights_load_and_are_small():
     assert SHIPPED_WEIGHTS.stat().st_size < 1_000_000
     state = load_weights(SHIPPED_WEIGHTS)
-    assert state["targets"] == list(PHANTOM_TARGETS)
+    assert state["targets"] == list(FEATURE_TARGETS)
     features = build_feature_extractor("phantom", str(SHIPPED_WEIGHTS))(torch.rand(4, 1, 80, 112))
     assert features.shape == (4, 64) and torch.isfinite(features).all()
 
