@@ -1,1 +1,1 @@
-"""diffusion"""
+"""Latent diffusion: the scaled latent space, noise schedules stored with weights, guided samplers, sample requests."""

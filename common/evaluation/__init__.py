@@ -1,1 +1,1 @@
-"""evaluation"""
+"""Evaluation as the papers report it, and publishing its results into a bundle's docs on request."""

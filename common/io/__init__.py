@@ -1,1 +1,1 @@
-"""io"""
+"""Files: atomic writes, safe weight loading, output writers with provenance, display orientation."""
