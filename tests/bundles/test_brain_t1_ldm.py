@@ -252,7 +252,8 @@ def test_cli_from_bundle_folder_and_repo_root(tmp_path):
         "--output_dir",
         str(tmp_path / "a"),
     ]
-    subprocess.run(cmd, cwd=BUNDLE, check=True, env=bundle_env(), capture_output=True, timeout=300)
+    # both runs at once: they are independent, and the machine has two cores
+    from_folder = subprocess.Popen(cmd, cwd=BUNDLE, env=bundle_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     cmd = [
         PY,
         "-m",
@@ -271,7 +272,10 @@ def test_cli_from_bundle_folder_and_repo_root(tmp_path):
         "--output_dir",
         str(tmp_path / "b"),
     ]
-    subprocess.run(cmd, cwd=REPO, check=True, env=bundle_env(), capture_output=True, timeout=300)
+    from_root = subprocess.Popen(cmd, cwd=REPO, env=bundle_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for proc in (from_folder, from_root):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-3000:]
     a, b = sorted((tmp_path / "a").iterdir()), sorted((tmp_path / "b").iterdir())
     assert [p.name for p in a] == [p.name for p in b] and len(a) == 3
     assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b, strict=True))

@@ -298,6 +298,18 @@ def test_cli_from_bundle_folder_with_shipped_weights(tmp_path):
     assert np.abs(t1 - truth).mean() < np.abs(t1 - truth[::-1]).mean()
 
 
+def test_layered_evaluate_from_the_repository_root(phantoms, tmp_path):
+    """Config stacks work from the repository root with their paths and --bundle_root, and change no file."""
+    before = snapshot(BUNDLE)
+    configs = "['bundles/flair_to_t1_controlnet/configs/inference.json','bundles/flair_to_t1_controlnet/configs/evaluate.json']"
+    cmd = [PY, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", "bundles/flair_to_t1_controlnet"]
+    cmd += ["--dataset_dir", str(phantoms), "--test_limit", "2", "--num_inference_steps", "2"]
+    done = subprocess.run(cmd, cwd=REPO, env=bundle_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Evaluation on 2 images" in done.stdout + done.stderr
+    assert snapshot(BUNDLE) == before
+
+
 def _train_args(phantoms: Path, tmp_path: Path, epochs: int) -> list[str]:
     args = [PY, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "train_controlnet.json")]
     args += ["--bundle_root", str(BUNDLE), "--dataset_dir", str(phantoms), "--model_dir", str(tmp_path / "models")]
