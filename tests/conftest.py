@@ -113,6 +113,26 @@ def make_prompt_encoder(hidden_layer: int = -1, seed: int = 0, text_model=None, 
         return CLIPPromptEncoder(str(TOKENIZER_DIR), text_model, hidden_layer=hidden_layer, **kwargs)
 
 
+def make_tiny_net(seed: int = 0) -> torch.nn.Module:
+    """A two-layer MLP (4 -> 3 -> 2): the smallest network with a state dict worth saving."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb
+        torch.testing.assert_close(va, vb, rtol=0, atol=0)
+
+
+@pytest.fixture
+def weights_file(tmp_path) -> Path:
+    """A plain state dict of ``make_tiny_net(1)`` saved with ``torch.save``."""
+    path = tmp_path / "model.pt"
+    torch.save(make_tiny_net(1).state_dict(), path)
+    return path
+
+
 @pytest.fixture
 def tokenizer_dir() -> Path:
     return TOKENIZER_DIR

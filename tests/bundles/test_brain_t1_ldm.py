@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -18,7 +16,7 @@ from common.data.brain.phantoms import PhantomGeometry, write_phantom_dataset
 from common.io.weights import load_weights
 from tests.helpers import REPO_ROOT
 from tests.helpers.bundle_copy import copy_bundle
-from tests.helpers.bundle_runs import bundle_env, error_text, snapshot
+from tests.helpers.bundle_runs import bundle_env, error_text, kill_at_checkpoint, snapshot
 from tests.helpers.bundle_runs import workflow as bundle_workflow
 
 pytestmark = pytest.mark.bundle
@@ -311,16 +309,7 @@ def test_training_killed_midway_resumes_from_last_checkpoint(phantoms, model_dir
         "--val_interval",
         "10",
     ]
-    proc = subprocess.Popen(args, cwd=REPO, env=bundle_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while not (run_dir / "checkpoint_epoch=2.pt").exists():
-            assert proc.poll() is None, "training ended before it could be interrupted"
-            assert time.time() < deadline, "no checkpoint within the time limit"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_at_checkpoint(args, run_dir / "checkpoint_epoch=2.pt")
     assert not (tmp_path / "models" / "autoencoder.pt").exists(), "a killed run must not export final weights"
     done = subprocess.run(args, cwd=REPO, env=bundle_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

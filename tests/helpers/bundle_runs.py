@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -48,3 +51,19 @@ def error_text(err: BaseException) -> str:
 def snapshot(folder: Path) -> dict[Path, bytes]:
     """Every file under ``folder`` with its bytes (to prove a run changed nothing)."""
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def kill_at_checkpoint(args: Sequence[str], checkpoint: Path, timeout: float = 240) -> None:
+    """Start a training command and kill it (SIGKILL, as a crash or a lost node would) once ``checkpoint`` exists."""
+    proc = subprocess.Popen(
+        list(args), cwd=REPO_ROOT, env=bundle_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + timeout
+    try:
+        while not checkpoint.exists():
+            assert proc.poll() is None, "training ended before it could be interrupted"
+            assert time.time() < deadline, "no checkpoint within the time limit"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

@@ -8,28 +8,11 @@ from ignite.engine import Engine, Events
 
 from common.engines.resume import latest_checkpoint
 from common.io.weights import load_weights, sha256sum
+from tests.conftest import assert_same_weights, make_tiny_net
 
 
 class _NotAWeight:
     pass
-
-
-def _net(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-
-
-@pytest.fixture
-def weights_file(tmp_path):
-    path = tmp_path / "model.pt"
-    torch.save(_net(1).state_dict(), path)
-    return path
-
-
-def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert ka == kb
-        torch.testing.assert_close(va, vb, rtol=0, atol=0)
 
 
 def _trainer(net: torch.nn.Module, optimizer: torch.optim.Optimizer, max_epochs: int) -> tuple[Engine, list[int]]:
@@ -52,7 +35,7 @@ def _trainer(net: torch.nn.Module, optimizer: torch.optim.Optimizer, max_epochs:
 def _saved_run(tmp_path, epochs: int = 2) -> tuple[str, torch.nn.Module, torch.optim.Optimizer]:
     from monai.handlers import CheckpointSaver
 
-    net = _net(1)
+    net = make_tiny_net(1)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     engine, _ = _trainer(net, optimizer, epochs)
     save = {"net": net, "optimizer": optimizer, "trainer": engine}
@@ -88,7 +71,7 @@ def test_latest_checkpoint_finds_what_monai_checkpoint_saver_writes(tmp_path):
     """The bundles save several objects per checkpoint: MONAI names the files ``checkpoint_epoch=N.pt``."""
     from monai.handlers import CheckpointSaver
 
-    net = _net()
+    net = make_tiny_net()
     save_dict = {"net": net, "optimizer": torch.optim.SGD(net.parameters(), lr=0.1)}
     engine = Engine(lambda engine, batch: None)
     CheckpointSaver(str(tmp_path), save_dict, save_interval=1, n_saved=2).attach(engine)
@@ -102,7 +85,7 @@ def test_safe_checkpoint_loader_resumes_at_the_next_epoch(tmp_path):
     from common.engines.resume import SafeCheckpointLoader
 
     path, trained, trained_opt = _saved_run(tmp_path, epochs=2)
-    net = _net(7)
+    net = make_tiny_net(7)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     engine, epochs = _trainer(net, optimizer, max_epochs=4)
     loader = SafeCheckpointLoader(
@@ -128,7 +111,7 @@ def test_safe_checkpoint_loader_logs_like_monai(tmp_path, caplog):
     from common.engines.resume import SafeCheckpointLoader
 
     path, _, _ = _saved_run(tmp_path, epochs=1)
-    net = _net()
+    net = make_tiny_net()
     engine, _ = _trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), max_epochs=1)
     SafeCheckpointLoader(path, {"net": net}, name="resume").attach(engine)
     with caplog.at_level("INFO", logger="resume"):
@@ -139,10 +122,10 @@ def test_safe_checkpoint_loader_logs_like_monai(tmp_path, caplog):
 def test_safe_checkpoint_loader_bare_state_dict(weights_file):
     from common.engines.resume import SafeCheckpointLoader
 
-    net = _net(3)
+    net = make_tiny_net(3)
     engine, _ = _trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), max_epochs=1)
     SafeCheckpointLoader(str(weights_file), {"net": net})(engine)
-    _assert_same_weights(net, _net(1))
+    assert_same_weights(net, make_tiny_net(1))
 
 
 @pytest.mark.parametrize(
@@ -168,12 +151,12 @@ def test_safe_checkpoint_loader_refuses_bad_files(tmp_path, damage, error, messa
     elif damage == "checksum":
         sha = "0" * 64
     elif damage == "pickle":
-        torch.save({"net": _net().state_dict(), "payload": _NotAWeight()}, path)
-    net = _net()
+        torch.save({"net": make_tiny_net().state_dict(), "payload": _NotAWeight()}, path)
+    net = make_tiny_net()
     engine, _ = _trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), max_epochs=2)
     load_dict = {"net": net, "trainer": engine}
     if damage == "missing_key":
-        load_dict["discriminator"] = _net()
+        load_dict["discriminator"] = make_tiny_net()
     with pytest.raises(error) as info:
         SafeCheckpointLoader(path, load_dict, sha256=sha)(engine)
     assert message in str(info.value) and str(path) in str(info.value)
@@ -183,7 +166,7 @@ def test_safe_checkpoint_loader_refuses_a_checkpoint_past_max_epochs(tmp_path):
     from common.engines.resume import SafeCheckpointLoader
 
     path, _, _ = _saved_run(tmp_path, epochs=3)
-    net = _net()
+    net = make_tiny_net()
     engine, _ = _trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), max_epochs=2)
     with pytest.raises(ValueError, match="beyond this run's max_epochs"):
         SafeCheckpointLoader(path, {"net": net, "trainer": engine})(engine)
@@ -214,7 +197,7 @@ def _amp_trainer(init_scale: float):
     """A MONAI SupervisedTrainer with a real, enabled GradScaler on the CPU (what amp=True gives on a GPU)."""
     from monai.engines import SupervisedTrainer
 
-    net = _net(3)
+    net = make_tiny_net(3)
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=2,

@@ -8,24 +8,7 @@ import pytest
 import torch
 
 from common.io.weights import load_network, load_state, load_weights, sha256sum
-
-
-def _net(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-
-
-@pytest.fixture
-def weights_file(tmp_path):
-    path = tmp_path / "model.pt"
-    torch.save(_net(1).state_dict(), path)
-    return path
-
-
-def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert ka == kb
-        torch.testing.assert_close(va, vb, rtol=0, atol=0)
+from tests.conftest import assert_same_weights, make_tiny_net
 
 
 class _NotAWeight:
@@ -39,7 +22,7 @@ def test_sha256sum(weights_file):
 
 def test_load_weights(weights_file):
     state = load_weights(weights_file)
-    assert set(state) == set(_net().state_dict())
+    assert set(state) == set(make_tiny_net().state_dict())
 
 
 def test_missing_file_says_how_to_get_it(tmp_path):
@@ -92,36 +75,36 @@ def test_non_dict_is_rejected(tmp_path, obj):
 
 
 def test_load_network_from_a_plain_state_dict(weights_file):
-    net = load_network(_net(2), weights_file)
-    _assert_same_weights(net, _net(1))
+    net = load_network(make_tiny_net(2), weights_file)
+    assert_same_weights(net, make_tiny_net(1))
 
 
 def test_load_network_with_key(tmp_path):
     path = tmp_path / "diffusion.pt"
-    torch.save({"unet": _net(1).state_dict(), "scheduler": {"num_train_timesteps": 1000}}, path)
-    net = _net(2)
+    torch.save({"unet": make_tiny_net(1).state_dict(), "scheduler": {"num_train_timesteps": 1000}}, path)
+    net = make_tiny_net(2)
     assert load_network(net, path, key="unet") is net
-    _assert_same_weights(net, _net(1))
+    assert_same_weights(net, make_tiny_net(1))
     with pytest.raises(KeyError, match="scheduler") as err:
-        load_network(_net(2), path, key="autoencoder")
+        load_network(make_tiny_net(2), path, key="autoencoder")
     assert "autoencoder" in str(err.value)
 
 
 def test_load_network_passes_checksum_and_hint(weights_file, tmp_path):
     with pytest.raises(ValueError, match="Checksum mismatch"):
-        load_network(_net(), weights_file, sha256="f" * 64)
+        load_network(make_tiny_net(), weights_file, sha256="f" * 64)
     with pytest.raises(FileNotFoundError, match="download it"):
-        load_network(_net(), tmp_path / "nope.pt", how_to_get="download it")
+        load_network(make_tiny_net(), tmp_path / "nope.pt", how_to_get="download it")
 
 
 def test_load_network_is_strict(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(torch.nn.Linear(4, 3).state_dict(), path)
     with pytest.raises(RuntimeError):
-        load_network(_net(), path)
+        load_network(make_tiny_net(), path)
 
 
 def test_load_state(weights_file):
-    net = _net(2)
+    net = make_tiny_net(2)
     assert load_state(net, load_weights(weights_file)) is net
-    _assert_same_weights(net, _net(1))
+    assert_same_weights(net, make_tiny_net(1))
