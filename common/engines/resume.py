@@ -106,7 +106,7 @@ class SafeCheckpointLoader:
         if missing:
             raise KeyError(
                 f"Checkpoint {self.load_path} has no {missing} (it holds {sorted(checkpoint)}): it was written by "
-                "another config; resume from a checkpoint of this run or start afresh with --resume false."
+                "another config; resume from a checkpoint of this run or start afresh with --resume False."
             )
         return checkpoint
 
@@ -127,7 +127,7 @@ class SafeCheckpointLoader:
         if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
             raise ValueError(
                 f"Checkpoint {self.load_path} is at epoch {engine.state.epoch}, beyond this run's max_epochs "
-                f"({prior_max_epochs}): raise max_epochs to train further, or start afresh with --resume false."
+                f"({prior_max_epochs}): raise max_epochs to train further, or start afresh with --resume False."
             )
         engine.state.max_epochs = prior_max_epochs
         self.logger.info(f"Restored all variables from {self.load_path}")
