@@ -6,6 +6,7 @@ import hashlib
 import logging
 import pickle
 import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,18 @@ def load_state(network: torch.nn.Module, state: dict[str, Any]) -> torch.nn.Modu
     """``network.load_state_dict(state)`` (strict) returning the network, for config expressions."""
     network.load_state_dict(state)
     return network
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor], prefixes: Sequence[str] | None = None) -> str:
+    """sha256 over the names, shapes, dtypes and values of a state dict (only keys starting with ``prefixes``).
+
+    It identifies weights independently of how the file was saved: the same tensors give the same fingerprint.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        if prefixes is not None and not name.startswith(tuple(prefixes)):
+            continue
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import torch
 from monai.networks.utils import copy_model_state
 
-from common.io.weights import load_weights
+from common.io.weights import load_weights, state_fingerprint
 from common.networks.architecture import NetworkArchitecture
 
 logger = logging.getLogger(__name__)
@@ -82,24 +81,11 @@ def init_controlnet(
     return controlnet_from_unet(controlnet, unet_state)
 
 
-def unet_fingerprint(unet_state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the names, shapes, dtypes and values of a UNet state dict.
-
-    It identifies the base model a ControlNet was trained against, independent of how the file was saved.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(unet_state):
-        tensor = unet_state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 class BaseModelRecord:
     """Exported beside the ControlNet weights (``"base_model"`` entry): the fingerprint of the UNet it steers."""
 
     def __init__(self, unet_state: Mapping[str, torch.Tensor]) -> None:
-        self.unet_sha256 = unet_fingerprint(unet_state)
+        self.unet_sha256 = state_fingerprint(unet_state)
 
     def state_dict(self) -> dict[str, str]:
         return {"unet_sha256": self.unet_sha256}
@@ -123,7 +109,7 @@ def load_controlnet(
     recorded = weights.get("base_model", {}).get("unet_sha256")
     if recorded is None:
         logger.warning("%s does not record which base UNet it was trained with; it cannot be checked.", path)
-    elif recorded != (actual := unet_fingerprint(unet_state)):
+    elif recorded != (actual := state_fingerprint(unet_state)):
         raise ValueError(
             f"{path} was trained against another base UNet (fingerprint {recorded[:12]}, this base model's is "
             f"{actual[:12]}). Use the base model weights it was trained with (see the bundle's docs/README.md), "

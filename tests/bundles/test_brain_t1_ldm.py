@@ -94,7 +94,8 @@ def trained(phantoms, model_dir, tmp_path_factory) -> Path:
     ldm.run()
     ldm.finalize()
     weights = load_weights(model_dir / "diffusion_model.pt")
-    assert set(weights) == {"unet", "latent", "scheduler", "architectures", "provenance"}
+    assert set(weights) == {"unet", "latent", "scheduler", "architectures", "provenance", "depends_on"}
+    assert set(weights["depends_on"]) == {"autoencoder", "text_encoder"}
     assert weights["architectures"]["unet"]["network"] == "DiffusionModelUNet"
     assert weights["provenance"]["demo"] is False  # only weights trained for the demo say so
     assert weights["latent"]["scale_factor"] > 0
@@ -231,6 +232,20 @@ def test_bad_inference_input_fails_before_writing(override, message, tmp_path):
     text = error_text(info.value)
     assert message in text
     assert not out.exists() or not any(out.iterdir()), "nothing may be written for bad input"
+
+
+def test_another_autoencoder_is_refused_before_sampling(tmp_path):
+    """The shipped diffusion model with an autoencoder whose latent space differs must not decode noise silently."""
+    models = tmp_path / "models"
+    shutil.copytree(SHIPPED, models)
+    weights = load_weights(models / "autoencoder.pt")
+    key = next(k for k in weights["autoencoder"] if k.startswith("encoder."))
+    weights["autoencoder"][key] = weights["autoencoder"][key] + 0.01
+    torch.save(weights, models / "autoencoder.pt")
+    with pytest.raises(Exception) as info:
+        workflow("inference.json", "infer", model_dir=str(models), output_dir=str(tmp_path / "out")).run()
+    assert "was trained with another autoencoder" in error_text(info.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_from_bundle_folder_and_repo_root(tmp_path):

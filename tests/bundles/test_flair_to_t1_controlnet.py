@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from common.data.brain.phantoms import PhantomGeometry, write_phantom_dataset
-from common.io.weights import load_weights
-from common.networks.controlnet import unet_fingerprint
+from common.io.weights import load_weights, state_fingerprint
 from tests.helpers import REPO_ROOT
 from tests.helpers.bundle_copy import copy_bundle
 from tests.helpers.bundle_runs import bundle_env, error_text, kill_at_checkpoint, snapshot
@@ -76,7 +75,7 @@ def trained(phantoms, tmp_path_factory) -> Path:
     assert set(weights) == {"controlnet", "base_model", "architectures", "provenance"}
     assert weights["architectures"]["controlnet"]["network"] == "ControlNet"
     base_unet = load_weights(BASE_MODELS / "diffusion_model.pt")["unet"]
-    assert weights["base_model"]["unet_sha256"] == unet_fingerprint(base_unet)
+    assert weights["base_model"]["unet_sha256"] == state_fingerprint(base_unet)
     assert (run_dir / "checkpoint_epoch=1.pt").is_file()
     assert any(run_dir.glob("events.out.tfevents*")), "TensorBoard scalars and images"
     return model_dir

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from common.io.weights import load_weights
 from tests.helpers.bundle_copy import REPO_ROOT, copy_bundle, edit_json
 from tools.release.verify import DeclarationError, compare_output, make_example, verify_bundles
 
@@ -269,3 +270,14 @@ def test_declaration_errors_name_the_entry():
     assert make_example(0.5, generator, "s").ndim == 0
     assert [t.shape for t in make_example([{"shape": [1, 2]}, {"shape": [3]}], generator, "l")] == [(1, 2), (3,)]
     assert compare_output({"a": torch.zeros(1)}, {"b": {"shape": [1]}}) == ["output: outputs ['a'], declared ['b']"]
+
+
+def test_shipped_weights_that_do_not_belong_together(bundles):
+    """A bundle whose diffusion model was trained on another autoencoder fails verification."""
+    path = bundles / NAME / "models" / "autoencoder.pt"
+    weights = load_weights(path)
+    key = next(k for k in weights["autoencoder"] if k.startswith("encoder."))
+    weights["autoencoder"][key] = weights["autoencoder"][key] * 1.01
+    torch.save(weights, path)
+    report, _ = _verify(bundles, checks="properties")
+    assert "was trained with another autoencoder" in _text(report)

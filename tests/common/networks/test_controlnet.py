@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.io.weights import state_fingerprint
 from common.networks.controlnet import (
     BaseModelRecord,
     controlnet_from_unet,
     load_controlnet,
     read_controlnet_weights,
-    unet_fingerprint,
 )
 from common.networks.freezing import freeze
 from tests.conftest import CONTEXT_DIM, IMAGE_SIZE, LATENT, make_controlnet, make_unet
@@ -46,13 +46,13 @@ def test_controlnet_from_unet_rejects_mismatched_architecture():
         controlnet_from_unet(make_controlnet(channels=(16, 16)), make_unet().state_dict())
 
 
-def test_unet_fingerprint_tracks_values_not_storage():
+def test_state_fingerprint_tracks_values_not_storage():
     state = make_unet().state_dict()
     copy = {k: v.clone() for k, v in reversed(list(state.items()))}
-    assert unet_fingerprint(copy) == unet_fingerprint(state)
+    assert state_fingerprint(copy) == state_fingerprint(state)
     name = next(iter(copy))
     copy[name] = copy[name] + 1e-6
-    assert unet_fingerprint(copy) != unet_fingerprint(state)
+    assert state_fingerprint(copy) != state_fingerprint(state)
 
 
 def test_load_controlnet_refuses_weights_of_another_base(tmp_path, caplog):

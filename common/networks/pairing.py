@@ -1,0 +1,81 @@
+"""Which weights a model was trained with, recorded at export and checked at load.
+
+A diffusion model only makes sense with the latent space and the text encoder it was trained on: another
+autoencoder decodes its latents into noise, another text tower gives it embeddings it never saw, and both
+fail silently. So an exported diffusion model records, under ``"depends_on"``, a fingerprint of each
+network it depends on, and loading refuses a set that does not match.
+
+What is fingerprinted is what the model depends on, not the whole file: for an autoencoder, the encoder
+side that defines the latent space (``encoder``, ``quant_conv_mu``, ``quant_conv_log_sigma``), so that
+fine-tuning the decoder alone (``finetune_decoder.json``) keeps the pairing valid.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.io.weights import state_fingerprint
+
+logger = logging.getLogger(__name__)
+
+#: Record key of the fingerprints inside an exported weight file.
+DEPENDS_ON_KEY = "depends_on"
+
+#: State-dict prefixes of each kind of dependency that the dependent model relies on; ``None`` means all of it.
+DEPENDENCY_PARTS: dict[str, tuple[str, ...] | None] = {
+    "autoencoder": ("encoder.", "quant_conv_mu.", "quant_conv_log_sigma."),
+    "text_encoder": None,
+}
+
+
+def fingerprint(name: str, network: torch.nn.Module) -> str:
+    """The fingerprint of the part of ``network`` that a model depending on it as ``name`` relies on."""
+    if name not in DEPENDENCY_PARTS:
+        raise ValueError(f"Unknown dependency {name!r}; known: {sorted(DEPENDENCY_PARTS)}.")
+    network = getattr(network, "module", network)  # a DistributedDataParallel wrapper is looked through
+    return state_fingerprint(network.state_dict(), DEPENDENCY_PARTS[name])
+
+
+class DependencyRecord:
+    """Exported beside a model's weights (``"depends_on"`` entry): fingerprints of the networks it was trained with.
+
+    The fingerprints are taken when the weights are exported (``state_dict``), so they describe the networks as
+    they were at the end of training.
+    """
+
+    def __init__(self, **networks: torch.nn.Module) -> None:
+        self.networks = networks
+
+    def state_dict(self) -> dict[str, str]:
+        return {name: fingerprint(name, network) for name, network in self.networks.items()}
+
+
+def check_dependencies(
+    weights: Mapping[str, Any], path: str | Path, how_to_fix: str = "", **networks: torch.nn.Module
+) -> Mapping[str, Any]:
+    """Return ``weights`` if the networks given match the fingerprints it records; raise ``ValueError`` if not.
+
+    Files exported before fingerprints were recorded are accepted with a warning: they cannot be checked.
+    ``how_to_fix`` ends the error (e.g. which bundle version or folder holds the matching weights).
+    """
+    recorded = weights.get(DEPENDS_ON_KEY)
+    if recorded is None:
+        logger.warning("%s does not record which networks it was trained with; the pairing cannot be checked.", path)
+        return weights
+    wrong = [
+        name for name, network in networks.items() if name in recorded and recorded[name] != fingerprint(name, network)
+    ]
+    if wrong:
+        parts = ", ".join(
+            f"{name} (recorded {recorded[name][:12]}, given {fingerprint(name, networks[name])[:12]})" for name in wrong
+        )
+        raise ValueError(
+            f"{path} was trained with another {' and '.join(wrong)}: {parts}. A diffusion model decodes into noise with "
+            f"an autoencoder or text encoder it was not trained with. Use the weights it was trained with. {how_to_fix}"
+        )
+    return weights
