@@ -103,6 +103,21 @@ def trained(phantoms, model_dir, tmp_path_factory) -> Path:
     return model_dir
 
 
+def test_a_last_validation_batch_of_one_image(phantoms, tmp_path):
+    """Validation batches that hold one image (the phantom split has 2 validation slices): every handler copes."""
+    wf = workflow(
+        "train_autoencoder.json",
+        "train",
+        dataset_dir=str(phantoms),
+        model_dir=str(tmp_path / "models"),
+        run_dir=str(tmp_path / "run"),
+        **{**TINY_AE, "ae_batch_size": 1, "train_limit": 2, "val_limit": 3},
+    )
+    wf.run()
+    assert (tmp_path / "models" / "autoencoder.pt").is_file()
+    assert any((tmp_path / "run").glob("events.out.tfevents*"))
+
+
 def test_train_configs_write_checkpoints_and_tensorboard(trained, tmp_path_factory):
     runs = list(Path(trained).parent.parent.rglob("checkpoint_epoch=1.pt"))
     assert runs, "each training run keeps a resumable checkpoint"
