@@ -34,3 +34,26 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Check, before any work, that outputs can be written under ``path``; nothing is created.
+
+    The folder may not exist yet (it is made at the first write); then its nearest existing parent must be a
+    writable folder.
+
+    Raises:
+        ValueError: ``path`` or a parent is a file, or the folder that would hold the outputs is not writable.
+    """
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return path
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise ValueError(f"Output folder {path} {what}: give --output_dir a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"Output folder {path} cannot be written ({existing} is read-only): give another --output_dir."
+        )
+    return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from monai.data import NibabelWriter, PILWriter
 from monai.transforms import MapTransform
 
-from common.io.atomic import atomic_path, write_json
+from common.io.atomic import atomic_path, check_output_dir, write_json
 
 
 def slugify(text: str, max_len: int = 80) -> str:
@@ -51,7 +50,7 @@ class GeneratedImageWriterd(MapTransform):
         formats: Sequence[str] = ("nii.gz", "png"),
     ) -> None:
         super().__init__(keys=[image_key])
-        self.output_dir = Path(output_dir)
+        self.output_dir = check_output_dir(output_dir)  # before any sampling, not after
         self.spacing = tuple(float(s) for s in spacing)
         self.sidecar = dict(sidecar or {})
         self.provenance = dict(provenance or {})

@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 from monai.data import PILWriter
 
 from common.data.condition_images import ConditionImage
-from common.io.atomic import atomic_path, write_json
+from common.io.atomic import atomic_path, check_output_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class TranslatedImageWriter:
         slice_key: str = "slice",
     ) -> None:
         self.condition = condition
-        self.output_dir = Path(output_dir)
+        self.output_dir = check_output_dir(output_dir)  # before any sampling, not after
         self.seed = int(seed)
         self.spacing = tuple(float(s) for s in spacing)
         self.suffix = suffix

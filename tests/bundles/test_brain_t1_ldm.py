@@ -236,13 +236,14 @@ def test_full_size_overlay_builds_reference_networks():
         ({"eta": 2.0}, "`eta` must be in [0, 1]"),
         ({"image_size": [81, 112]}, "not divisible"),
         ({"diffusion_path": "/nonexistent/diffusion_model.pt"}, "Weights file not found"),
+        ({"output_dir": "/etc/hostname"}, "is a file: give --output_dir a folder"),
     ],
 )
 def test_bad_inference_input_fails_before_writing(override, message, tmp_path):
     out = tmp_path / "out"
-    knobs = {"num_inference_steps": 2, "progress": False, **override}
+    knobs = {"num_inference_steps": 2, "progress": False, "output_dir": str(out), **override}
     with pytest.raises(Exception) as info:
-        wf = workflow("inference.json", "infer", output_dir=str(out), **knobs)
+        wf = workflow("inference.json", "infer", **knobs)
         wf.run()
     text = error_text(info.value)
     assert message in text

@@ -28,3 +28,15 @@ def test_write_json(tmp_path):
     write_json(tmp_path / "a.json", {"prompt": "x", "seed": 1})
     assert json.loads((tmp_path / "a.json").read_text()) == {"prompt": "x", "seed": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_output_dir_checked_before_any_work(tmp_path):
+    from common.io.atomic import check_output_dir
+
+    assert check_output_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists(), "checking creates nothing"
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        check_output_dir(tmp_path / "file.txt")
+    with pytest.raises(ValueError, match="which is a file"):
+        check_output_dir(tmp_path / "file.txt" / "out")
