@@ -135,10 +135,20 @@ def test_git_ignored_files_and_local_folders_stay_out(tmp_path):
         (bundle / folder / "x.txt").write_text("local")
     (bundle / "configs" / "__pycache__").mkdir()
     (bundle / "configs" / "__pycache__" / "x.pyc").write_bytes(b"")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], check=True, timeout=60)
+    subprocess.run([*git, "commit", "-q", "-m", "bundle"], check=True, timeout=60)
     package_bundles(bundles_dir=str(tmp_path / "bundles"), output_dir=str(tmp_path / "dist"))
     with zipfile.ZipFile(tmp_path / "dist" / ZIP_NAME) as archive:
         names = archive.namelist()
     assert f"{NAME}/docs/README.md" in names and f"{NAME}/common/io/atomic.py" in names
+
+    # a stray file (the README example's OUT/, notes) is refused, not shipped
+    (bundle / "OUT").mkdir()
+    (bundle / "OUT" / "sample.png").write_bytes(b"png")
+    with pytest.raises(PackagingError, match=r"1 file\(s\) that git does not track.*OUT/sample\.png.*\.gitignore"):
+        package_bundles(bundles_dir=str(tmp_path / "bundles"), output_dir=str(tmp_path / "dist2"))
+    assert not (tmp_path / "dist2").exists()
     for left_out in ("docs/train.log", "scratch/", "runs/", "data/", "output/", "configs/__pycache__/"):
         assert not [n for n in names if n.startswith(f"{NAME}/{left_out}")], left_out
 

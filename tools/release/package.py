@@ -6,7 +6,8 @@ large_files.yml, ...) and, in place of the repository's ``common`` link, a real 
 ``common/`` package that its configs use (those they name and what those import), with ``common/VENDORED.json``
 recording the version of ``common`` and the modules carried, so an extracted bundle imports nothing from this
 repository. Left out: ``runs/``, ``data/``,
-``output/``, ``__pycache__``, hidden files and whatever git ignores. Files listed in ``large_files.yml`` go
+``output/``, ``__pycache__``, hidden files and whatever git ignores; a bundle whose folder (or the shared package)
+holds files that git neither tracks nor ignores is refused, so a release holds only what was committed. Files listed in ``large_files.yml`` go
 into the zip when they exist locally (their hash is checked first); the others stay listed for
 ``python -m monai.bundle download_large_files``.
 
@@ -101,6 +102,29 @@ class GitIgnored:
         if done.returncode not in (0, 1):  # 1: nothing ignored
             raise PackagingError(f"git check-ignore failed in {self.root}: {done.stderr.decode().strip()}")
         return {self.root / name for name in done.stdout.decode().split("\0") if name}
+
+    def untracked(self, folder: Path) -> list[Path]:
+        """Files under ``folder`` that git neither tracks nor ignores (stray outputs, notes), sorted."""
+        if self.root is None or not folder.resolve().is_relative_to(self.root):
+            return []
+        done = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(self.root),
+                "ls-files",
+                "--others",
+                "--exclude-standard",
+                "-z",
+                "--",
+                str(folder.resolve()),
+            ],
+            capture_output=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise PackagingError(f"git ls-files failed in {self.root}: {done.stderr.decode().strip()}")
+        return sorted(self.root / name for name in done.stdout.decode().split("\0") if name)
 
 
 def _walk_files(folder: Path, top_level_excluded: frozenset[str] = frozenset()) -> list[Path]:
@@ -376,6 +400,13 @@ def package_bundles(
         raise PackagingError(f"no bundle (a folder with configs/metadata.json) under {bundles_dir}")
     for folder in folders:
         BundleSource(folder.resolve(), Path(shared_package).resolve()).version()
+        for part in (folder, Path(shared_package)):
+            if stray := GitIgnored(part).untracked(part.resolve()):
+                shown = ", ".join(str(p) for p in stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+                raise PackagingError(
+                    f"bundle {folder.name}: {len(stray)} file(s) that git does not track would go into the release: "
+                    f"{shown}. Commit them, delete them, or add them to .gitignore."
+                )
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = []
