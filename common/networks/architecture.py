@@ -80,10 +80,6 @@ class NetworkArchitecture:
             raise ValueError(f"Not an architecture record: {record!r}.")
         return cls(str(record["network"]), dict(record.get("args", {})))
 
-    def replace(self, **args: Any) -> NetworkArchitecture:
-        """The same network with some arguments changed."""
-        return NetworkArchitecture(self.network, {**self.args, **args})
-
 
 def build_network(network: str, **args: Any) -> torch.nn.Module:
     """Build ``network`` (a name of :data:`NETWORKS`) with ``args``; the module remembers its architecture.
