@@ -44,6 +44,7 @@ def main(
     caption: str = DEFAULT_CAPTION,
     target_shape: tuple[int, int] = DEFAULT_TARGET_SHAPE,
     axcodes: str | None = None,
+    spacing: float | tuple[float, float, float] | None = None,
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -65,6 +66,8 @@ def main(
         caption: caption stored with every slice.
         target_shape: in-plane size H,W after centre crop / zero pad.
         axcodes: reorient volumes to these axis codes first (e.g. RAS); default: as stored.
+        spacing: resample volumes to this voxel size in mm first (one value, or three), e.g. 2 for the demo models
+            (2 mm) or 1 for the full-size ones; default: voxels as stored.
         strict: with --with_flair, fail (instead of skipping) when a subject has no FLAIR.
         overwrite: replace images/ and datalist.json of a non-empty output_dir.
         progress: show a progress bar.
@@ -86,6 +89,7 @@ def main(
             seed=seed,
             caption=str(caption),
             axcodes=None if axcodes is None else str(axcodes),
+            spacing=spacing,
             strict=strict,
             overwrite=overwrite,
             progress=progress,

@@ -62,8 +62,63 @@ def to_unit_range(array: np.ndarray) -> tuple[np.ndarray, bool]:
     return np.asarray(scaled, dtype=np.float32), True
 
 
+#: Relative difference of voxel spacing accepted without resampling.
+SPACING_TOLERANCE = 0.05
+#: Below this fraction of zero voxels an image is not skull-stripped like the training data (phantoms: about 45 %).
+MIN_BACKGROUND_FRACTION = 0.05
+
+
+def check_grid(
+    path: Path, affine: np.ndarray, spacing: Sequence[float], modality: str, resample_hint: str = ""
+) -> None:
+    """Refuse a NIfTI whose in-plane spacing or axis order differs from the model's, with the numbers.
+
+    A left-right flip (radiological storage) is accepted with a warning: the brain is nearly symmetric and the
+    output is written back in the input's own geometry.
+    """
+    zooms = np.sqrt((np.asarray(affine)[:3, :2] ** 2).sum(axis=0))
+    expected = np.asarray([float(s) for s in spacing][:2])
+    if np.any(np.abs(zooms - expected) > SPACING_TOLERANCE * expected):
+        raise ValueError(
+            f"{path} has in-plane voxels of {zooms[0]:.2f} x {zooms[1]:.2f} mm, but the model was trained on "
+            f"{expected[0]:.2f} x {expected[1]:.2f} mm {modality} slices: the anatomy would be at the wrong scale and "
+            f"the translation garbage. Resample the image to {expected[0]:g} mm first (prepare-brain-mri --spacing "
+            f"{expected[0]:g}). {resample_hint}".rstrip()
+        )
+    codes = nib.aff2axcodes(affine)
+    if codes[0] not in "LR" or codes[1] != "A" or codes[2] not in "SI":
+        raise ValueError(
+            f"{path} is stored with array axes {''.join(codes)}; the model was trained on axial {modality} slices "
+            "stored left-right, posterior-anterior (RAS or LAS): a turned or front-to-back flipped brain translates "
+            "into garbage. Reorient it first (prepare-brain-mri does, or nibabel's as_closest_canonical)."
+        )
+    if codes[0] == "L":
+        logger.warning("%s is stored left-right flipped (axes %s); translated as it is.", path, "".join(codes))
+
+
+def warn_if_not_skull_stripped(path: Path, stack: np.ndarray, modality: str) -> None:
+    """Warn when almost no voxel is zero: the model was trained on skull-stripped slices with a zero background.
+
+    A cheap check that catches photographs, screenshots and unprocessed scans, which the model would turn into
+    plausible-looking nonsense.
+    """
+    fraction = float((stack == stack.min()).mean())
+    if fraction < MIN_BACKGROUND_FRACTION:
+        logger.warning(
+            "%s has almost no background (%.1f %% of voxels at its minimum, training slices about 45 %%): it does not "
+            "look like a skull-stripped %s slice; the translation may be meaningless.",
+            path,
+            100 * fraction,
+            modality,
+        )
+
+
 def load_condition_image(
-    path: str | Path, image_size: Sequence[int], modality: str, resample_hint: str = ""
+    path: str | Path,
+    image_size: Sequence[int],
+    modality: str,
+    resample_hint: str = "",
+    spacing: Sequence[float] | None = None,
 ) -> ConditionImage:
     """Read and check a condition image; every problem raises ``ValueError`` before any work starts.
 
@@ -72,6 +127,10 @@ def load_condition_image(
         image_size: ``(H, W)`` the network was trained on; slices must have it.
         modality: what the image must be (e.g. ``"FLAIR"``), named in error messages.
         resample_hint: how to bring an image of another size to the model's grid (the bundle's tool).
+        spacing: in-plane voxel spacing ``(sx, sy)`` in mm the network was trained on. A NIfTI input must have it
+            (within 5 %) and the training orientation (array axes left-right, posterior-anterior, axial slices),
+            since a model shown anatomy at another scale or turned translates it into garbage. A PNG carries no
+            spacing: it is taken as given.
     """
     path = Path(path)
     if not path.is_file():
@@ -121,6 +180,9 @@ def load_condition_image(
         raise ValueError(f"{path} contains NaN or infinite values; fix or mask them before translating.")
     if stack.max() == stack.min():
         raise ValueError(f"{path} is constant (every voxel is {stack.min()}); it holds no {modality} image.")
+    if affine is not None and spacing is not None:
+        check_grid(path, affine, spacing, modality, resample_hint)
+    warn_if_not_skull_stripped(path, stack, modality)
     stack, rescaled = to_unit_range(stack)
     if rescaled:
         logger.info("%s was outside [0, 1]: rescaled robustly (minimum -> 0, 99.5th percentile -> 1).", path)

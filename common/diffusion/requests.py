@@ -10,21 +10,35 @@ from monai.transforms import MapTransform
 
 from common.data.condition_images import ConditionImage
 
+MAX_PROMPT_CHARS = 1000
 
-def sample_requests(prompt: str, num_samples: int, seed: int, max_prompt_chars: int = 1000) -> list[dict[str, Any]]:
-    """One dict per image to generate: ``{"prompt", "seed", "index"}``; sample ``i`` uses ``seed + i``.
 
-    Seeding each sample on its own makes an image depend only on (prompt, seed), not on batch size.
+def check_prompt(prompt: str, allow_empty: bool = False, max_prompt_chars: int = MAX_PROMPT_CHARS) -> str:
+    """Refuse a prompt that is not text, empty (unless ``allow_empty``) or longer than ``max_prompt_chars``.
+
+    Every bundle treats prompts alike: beyond 1000 characters a prompt is refused; between CLIP's 77 tokens and that,
+    the text encoder truncates it and says so.
     """
     if not isinstance(prompt, str):
         raise ValueError(f"`prompt` must be a string, got {type(prompt).__name__}.")
-    if not prompt.strip():
+    if not allow_empty and not prompt.strip():
         raise ValueError('`prompt` is empty: give a description of the image to generate with --prompt "..."')
     if len(prompt) > max_prompt_chars:
         raise ValueError(
             f"`prompt` has {len(prompt)} characters, more than the {max_prompt_chars} accepted; CLIP reads at most "
             "77 tokens (longer prompts are truncated, with a warning): shorten it."
         )
+    return prompt
+
+
+def sample_requests(
+    prompt: str, num_samples: int, seed: int, max_prompt_chars: int = MAX_PROMPT_CHARS
+) -> list[dict[str, Any]]:
+    """One dict per image to generate: ``{"prompt", "seed", "index"}``; sample ``i`` uses ``seed + i``.
+
+    Seeding each sample on its own makes an image depend only on (prompt, seed), not on batch size.
+    """
+    check_prompt(prompt, max_prompt_chars=max_prompt_chars)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -71,8 +85,7 @@ def translation_requests(condition: ConditionImage, seed: int, prompt: str = "")
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
-    if not isinstance(prompt, str):
-        raise ValueError(f"`prompt` must be a string, got {type(prompt).__name__}.")
+    check_prompt(prompt, allow_empty=True)
     return [
         {"condition": condition.slices[k], "seed": seed, "slice": k, "prompt": prompt}
         for k in range(condition.slices.shape[0])

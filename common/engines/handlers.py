@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
@@ -114,15 +115,27 @@ class WeightsExporter:
 
     This is the file inference loads: network weights plus what must travel with them (latent scale
     factor, noise schedule, and the architecture of each network built with
-    ``common.networks.architecture.build_network``, under ``"architectures"``). It is written to a temporary name and renamed, so an interrupted export
-    never leaves a truncated weights file in ``models/``. ``provenance`` (e.g. ``{"demo": True}`` for weights
-    trained on phantoms) is saved under ``"provenance"`` and reported in the sidecar of every output they make.
+    ``common.networks.architecture.build_network``, under ``"architectures"``). ``provenance`` (e.g.
+    ``{"demo": True}`` for weights trained on phantoms) is saved under ``"provenance"`` and reported in the
+    sidecar of every output they make.
+
+    ``path`` belongs to the run (``run_dir``): training never replaces a bundle's weights by accident. Only an
+    explicit ``install_path`` (the configs' ``--install_weights True``) also writes the weights there, and the log
+    says what was replaced. Every file is written to a temporary name and renamed, so an interrupted export never
+    leaves a truncated weights file.
     """
 
-    def __init__(self, path: str, objects: dict[str, object], provenance: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        objects: dict[str, object],
+        provenance: Mapping[str, Any] | None = None,
+        install_path: str | None = None,
+    ) -> None:
         self.path = path
         self.objects = objects
         self.provenance = dict(provenance or {})
+        self.install_path = install_path
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -131,15 +144,29 @@ class WeightsExporter:
         if idist.get_rank() != 0:
             return
         from common.io.atomic import atomic_path
+        from common.io.weights import sha256sum
 
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
         if records := architecture_records(self.objects):
             state[ARCHITECTURES_KEY] = records
         if self.provenance:
             state[PROVENANCE_KEY] = self.provenance
+        names = ", ".join(self.objects)
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
-        logger.info("Exported %s to %s", ", ".join(self.objects), self.path)
+        if self.install_path is None:
+            logger.info(
+                "Exported %s to %s. The bundle's weights are unchanged: to use these, pass their path to the next "
+                "stage or to inference, or rerun with --install_weights True to install them.",
+                names,
+                self.path,
+            )
+            return
+        install = Path(self.install_path)
+        replaced = f"replaced {install} (sha256 {sha256sum(install)[:12]})" if install.is_file() else f"wrote {install}"
+        with atomic_path(install) as tmp:
+            torch.save(state, tmp)
+        logger.warning("Exported %s to %s and installed them (--install_weights True): %s.", names, self.path, replaced)
 
 
 class TerminateOnNaNHandler:

@@ -74,6 +74,20 @@ def update_eval_metrics(
     return data
 
 
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN or inf replaced by ``None`` (JSON ``null``: not computable), at any depth.
+
+    A metric can be undefined on a small run (the spread of one value); strict JSON has no NaN.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def check_publishable(publish: bool, complete: bool, enough_samples: bool = True) -> None:
     """Refuse, before any work, to publish the figures of a partial run (they would replace the documented ones)."""
     if not isinstance(publish, bool):
@@ -150,7 +164,7 @@ class BundleDocs:
             logger.info("Results computed and logged, not published (pass --publish True to update the bundle docs).")
             return False
         if self.results is not None:
-            write_json(self.results, results)
+            write_json(self.results, finite_or_none(results))
         if self.metadata is not None:
             update_eval_metrics(self.metadata, metrics)
         if self.readme is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,21 +13,28 @@ from monai.data import NibabelWriter, PILWriter
 from monai.transforms import MapTransform
 
 from common.io.atomic import atomic_path, check_output_dir, write_json
+from common.io.output_names import check_new_files, settings_digest
 
 
 def slugify(text: str, max_len: int = 80) -> str:
     """A file-name-safe short form of a prompt: ``"T1-weighted image."`` -> ``"t1-weighted_image"``."""
     slug = re.sub(r"[^a-z0-9-]+", "_", text.lower()).strip("_")
-    return slug[:max_len].rstrip("_") or "unconditional"
+    if len(slug) > max_len:  # cut at a word boundary where there is one
+        cut = slug[: max_len + 1]
+        slug = cut[: cut.rfind("_")] if "_" in cut else slug[:max_len]
+    return slug.rstrip("_") or "unconditional"
 
 
 class GeneratedImageWriterd(MapTransform):
     """Write ``data[image_key]`` ``(1, H, W)`` in [0, 1] as ``<stem>.nii.gz``, ``<stem>.png`` and ``<stem>.json``.
 
-    ``stem`` is ``<prompt slug>_seed<seed>``, so the same request always lands on the same names and
-    nothing is timestamped. Every file is written to a temporary name and renamed. The NIfTI gets an
-    affine with ``spacing`` (mm); the PNG is 8-bit. The sidecar records ``sidecar`` (bundle name,
-    version, sampling knobs) plus the request keys (``prompt``, ``seed``, ``index``).
+    ``stem`` is ``<prompt slug>_seed<seed>_<digest>`` (:mod:`common.io.output_names`: the digest covers the full
+    prompt, the ``sidecar`` settings, the image size and the weights), so the same request always lands on the
+    same names, other settings on other names, and nothing is timestamped. Given the ``requests`` to be run,
+    the writer refuses at construction, before any sampling, names that exist already (unless ``overwrite``).
+    Every file is written to a temporary name and renamed. The NIfTI gets an affine with ``spacing`` (mm); the
+    PNG is 8-bit. The sidecar records ``sidecar`` (bundle name, version, sampling knobs) plus the request keys
+    (``prompt``, ``seed``, ``index``); it is strict JSON (a non-finite number is an error, not ``NaN``).
 
     Args:
         output_dir: destination folder (created).
@@ -36,6 +44,8 @@ class GeneratedImageWriterd(MapTransform):
             hashes, demo or not), first in the sidecar.
         request_keys: keys of the sample request copied into the sidecar and used for the name.
         name_key: request key whose text names the file.
+        requests: the sample requests that will be written (their names are checked before any work).
+        overwrite: replace files that exist already.
     """
 
     def __init__(
@@ -48,6 +58,8 @@ class GeneratedImageWriterd(MapTransform):
         request_keys: Sequence[str] = ("prompt", "seed", "index"),
         name_key: str = "prompt",
         formats: Sequence[str] = ("nii.gz", "png"),
+        requests: Sequence[Mapping[Hashable, Any]] = (),
+        overwrite: bool = False,
     ) -> None:
         super().__init__(keys=[image_key])
         self.output_dir = check_output_dir(output_dir)  # before any sampling, not after
@@ -61,9 +73,24 @@ class GeneratedImageWriterd(MapTransform):
         if unknown:
             raise ValueError(f"Unknown output formats {sorted(unknown)}: use 'nii.gz' and/or 'png'.")
         self.formats = tuple(formats)
+        self.overwrite = bool(overwrite)
+        check_new_files((p for request in requests for p in self.paths(request)), self.overwrite)
 
     def stem(self, data: Mapping[Hashable, Any]) -> str:
-        return f"{slugify(str(data[self.name_key]))}_seed{int(data['seed'])}"
+        settings = {
+            self.name_key: str(data[self.name_key]),
+            **self.sidecar,
+            "weights": {k: v.get("sha256") for k, v in self.provenance.get("weights", {}).items()},
+        }
+        if "image_size" in data:
+            settings["image_size"] = _plain(data["image_size"])
+        slug = slugify(str(data[self.name_key]), max_len=48)
+        return f"{slug}_seed{int(data['seed'])}_{settings_digest(settings)}"
+
+    def paths(self, data: Mapping[Hashable, Any]) -> list[Path]:
+        """The files written for one request: one per format, and the sidecar."""
+        stem = self.stem(data)
+        return [self.output_dir / f"{stem}.{ext}" for ext in (*self.formats, "json")]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -71,7 +98,13 @@ class GeneratedImageWriterd(MapTransform):
         array = (image.detach().cpu() if isinstance(image, torch.Tensor) else torch.as_tensor(image)).float()
         if array.ndim != 3 or array.shape[0] != 1:
             raise ValueError(f"Expected a generated image of shape (1, H, W), got {tuple(array.shape)}.")
+        if not torch.isfinite(array).all():
+            raise ValueError(
+                "The generated image holds non-finite values (NaN or inf); nothing was written. Check the sampling "
+                "settings (guidance_scale, eta) and that the weights are not corrupted."
+            )
         array = array.clamp(0.0, 1.0).numpy()
+        check_new_files(self.paths(d), self.overwrite)  # a concurrent run may have written them meanwhile
         stem = self.stem(d)
         affine = np.diag([*self.spacing, 1.0, 1.0])
         written = []

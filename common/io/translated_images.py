@@ -15,6 +15,8 @@ from monai.data import PILWriter
 
 from common.data.condition_images import ConditionImage
 from common.io.atomic import atomic_path, check_output_dir, write_json
+from common.io.output_names import check_new_files, settings_digest
+from common.io.weights import sha256sum
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +24,9 @@ logger = logging.getLogger(__name__)
 class TranslatedImageWriter:
     """Collect the translated slices of one condition image and write them when the engine completes.
 
-    Files, named ``<input stem>_<suffix>_seed<seed>`` and written to a temporary name then renamed:
+    Files, named ``<input stem>_<suffix>_seed<seed>_<digest>`` (:mod:`common.io.output_names`: the digest covers
+    the input's content, the ``sidecar`` settings and the weights, so two inputs of the same name or two settings
+    never share a name) and written to a temporary name then renamed:
 
     * ``.nii.gz``: the translation with the input's shape, affine and header (NIfTI input), or with
       ``spacing`` (PNG input);
@@ -40,6 +44,7 @@ class TranslatedImageWriter:
             hashes, demo or not), first in the sidecar.
         pred_key: key of the translation in the decollated engine output.
         slice_key: key of the slice index in the decollated batch.
+        overwrite: replace files that exist already; otherwise existing names are refused here, before any work.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class TranslatedImageWriter:
         provenance: Mapping[str, Any] | None = None,
         pred_key: str = "pred",
         slice_key: str = "slice",
+        overwrite: bool = False,
     ) -> None:
         self.condition = condition
         self.output_dir = check_output_dir(output_dir)  # before any sampling, not after
@@ -64,6 +70,9 @@ class TranslatedImageWriter:
         self.pred_key = pred_key
         self.slice_key = slice_key
         self._slices: dict[int, np.ndarray] = {}
+        self.overwrite = bool(overwrite)
+        self._stem = self._make_stem()
+        check_new_files(self.paths(), self.overwrite)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda _: self._slices.clear())
@@ -79,13 +88,32 @@ class TranslatedImageWriter:
 
     @property
     def stem(self) -> str:
-        return f"{self.condition.stem}_{self.suffix}_seed{self.seed}"
+        return self._stem
+
+    def _make_stem(self) -> str:
+        settings = {
+            "input_sha256": sha256sum(self.condition.path),
+            **self.sidecar,
+            "weights": {k: v.get("sha256") for k, v in self.provenance.get("weights", {}).items()},
+        }
+        return f"{self.condition.stem}_{self.suffix}_seed{self.seed}_{settings_digest(settings)}"
+
+    def paths(self) -> list[Path]:
+        """The files this writer will write: NIfTI, PNG for a single slice, and the sidecar."""
+        exts = ["nii.gz", "png", "json"] if self.condition.slices.shape[0] == 1 else ["nii.gz", "json"]
+        return [self.output_dir / f"{self.stem}.{ext}" for ext in exts]
 
     def write(self, _: Engine | None = None) -> list[Path]:
         expected = self.condition.slices.shape[0]
         if sorted(self._slices) != list(range(expected)):
             raise RuntimeError(f"Got translated slices {sorted(self._slices)} of {expected}; nothing written.")
         volume = np.stack([self._slices[k] for k in range(expected)], axis=-1).astype(np.float32)  # (H, W, S)
+        if not np.isfinite(volume).all():
+            raise ValueError(
+                "The translation holds non-finite values (NaN or inf); nothing was written. Check the sampling "
+                "settings (conditioning_scale, guidance_scale, eta) and that the weights are not corrupted."
+            )
+        check_new_files(self.paths(), self.overwrite)  # a concurrent run may have written them meanwhile
         written = [self._write_nifti(volume.reshape(self.condition.shape))]
         if expected == 1:
             written.append(self._write_png(volume[..., 0]))

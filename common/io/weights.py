@@ -36,6 +36,11 @@ def load_weights(
     path = Path(path)
     if not path.is_file():
         hint = f" {how_to_get}" if how_to_get else ""
+        if not path.is_absolute():  # the usual cause: a bundle run from another folder, where "." is not the bundle
+            hint += (
+                f" The path is relative to the current folder ({Path.cwd()}): run from the bundle's folder, or pass "
+                "--bundle_root PATH_TO_THE_BUNDLE."
+            )
         raise FileNotFoundError(f"Weights file not found: {path}.{hint}")
     if sha256 is not None and (actual := sha256sum(path)) != sha256.lower():
         raise ValueError(f"Checksum mismatch for {path}: expected sha256 {sha256}, got {actual}. Re-download it.")

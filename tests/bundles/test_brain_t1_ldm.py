@@ -76,6 +76,7 @@ def trained(phantoms, model_dir, tmp_path_factory) -> Path:
         dataset_dir=str(phantoms),
         model_dir=str(model_dir),
         run_dir=str(runs / "ae"),
+        install_weights=True,
         **TINY_AE,
     )
     assert ae.check_properties() in (None, [])
@@ -88,12 +89,14 @@ def trained(phantoms, model_dir, tmp_path_factory) -> Path:
         dataset_dir=str(phantoms),
         model_dir=str(model_dir),
         run_dir=str(runs / "ldm"),
+        install_weights=True,
         **TINY_LDM,
     )
     assert ldm.check_properties() in (None, [])
     ldm.run()
     ldm.finalize()
     weights = load_weights(model_dir / "diffusion_model.pt")
+    assert (runs / "ldm" / "diffusion_model.pt").read_bytes() == (model_dir / "diffusion_model.pt").read_bytes()
     assert set(weights) == {"unet", "latent", "scheduler", "architectures", "provenance", "depends_on"}
     assert set(weights["depends_on"]) == {"autoencoder", "text_encoder"}
     assert weights["architectures"]["unet"]["network"] == "DiffusionModelUNet"
@@ -103,8 +106,13 @@ def trained(phantoms, model_dir, tmp_path_factory) -> Path:
     return model_dir
 
 
-def test_a_last_validation_batch_of_one_image(phantoms, tmp_path):
-    """Validation batches that hold one image (the phantom split has 2 validation slices): every handler copes."""
+def test_a_last_validation_batch_of_one_image_and_export_to_the_run_only(phantoms, tmp_path):
+    """Validation batches that hold one image (the phantom split has 2 validation slices): every handler copes.
+
+    Without ``--install_weights True`` the trained weights go to the run folder and the bundle's models/ is untouched.
+    """
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "autoencoder.pt").write_bytes(b"shipped")
     wf = workflow(
         "train_autoencoder.json",
         "train",
@@ -114,7 +122,10 @@ def test_a_last_validation_batch_of_one_image(phantoms, tmp_path):
         **{**TINY_AE, "ae_batch_size": 1, "train_limit": 2, "val_limit": 3},
     )
     wf.run()
-    assert (tmp_path / "models" / "autoencoder.pt").is_file()
+    assert (tmp_path / "models" / "autoencoder.pt").read_bytes() == b"shipped"
+    assert (
+        load_weights(tmp_path / "run" / "autoencoder.pt")["architectures"]["autoencoder"]["network"] == "AutoencoderKL"
+    )
     assert any((tmp_path / "run").glob("events.out.tfevents*"))
 
 
@@ -341,13 +352,14 @@ def test_training_killed_midway_resumes_from_last_checkpoint(phantoms, model_dir
         "10",
     ]
     kill_at_checkpoint(args, run_dir / "checkpoint_epoch=2.pt")
-    assert not (tmp_path / "models" / "autoencoder.pt").exists(), "a killed run must not export final weights"
+    assert not (run_dir / "autoencoder.pt").exists(), "a killed run must not export final weights"
     done = subprocess.run(args, cwd=REPO, env=bundle_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     log = done.stdout + done.stderr
     assert "Restored all variables from" in log and "checkpoint_epoch=" in log, log[-2000:]
     assert "Epoch[1] Complete" not in log and "Epoch[4] Complete" in log
-    assert (tmp_path / "models" / "autoencoder.pt").is_file()
+    assert (run_dir / "autoencoder.pt").is_file()
+    assert not (tmp_path / "models" / "autoencoder.pt").exists(), "training installs weights only when asked"
 
 
 def test_torchrun_two_processes_on_cpu(phantoms, tmp_path):

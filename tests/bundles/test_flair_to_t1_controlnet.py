@@ -6,6 +6,7 @@ The frozen base model is the shipped brain_t1_ldm demo model; ControlNets are tr
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,7 @@ def trained(phantoms, tmp_path_factory) -> Path:
         dataset_dir=str(phantoms),
         model_dir=str(model_dir),
         run_dir=str(run_dir),
+        install_weights=True,
         **TINY,
     )
     assert wf.check_properties() in (None, [])
@@ -100,11 +102,10 @@ def test_inference_2d_is_deterministic_and_writes_outputs(trained, tmp_path):
         wf.run()
         wf.finalize()
         outs.append(sorted((tmp_path / name).iterdir()))
-    assert [p.name for p in outs[0]] == [
-        "sub-0011_slice-2_FLAIR_T1w_seed0.json",
-        "sub-0011_slice-2_FLAIR_T1w_seed0.nii.gz",
-        "sub-0011_slice-2_FLAIR_T1w_seed0.png",
-    ]
+    names = [p.name for p in outs[0]]
+    stem = names[0].removesuffix(".json")
+    assert re.fullmatch(r"sub-0011_slice-2_FLAIR_T1w_seed0_[0-9a-f]{8}", stem)
+    assert names == [f"{stem}.json", f"{stem}.nii.gz", f"{stem}.png"]
     for a, b in zip(*outs, strict=True):
         assert a.read_bytes() == b.read_bytes(), f"{a.name} differs between two runs with the same seed"
     src, out = nib.load(EXAMPLE), nib.load(outs[0][1])
@@ -133,15 +134,16 @@ def test_inference_3d_volume_round_trip(trained, phantoms, tmp_path):
     )
     wf.run()
     wf.finalize()
-    out = nib.load(tmp_path / "out" / "sub-0000_FLAIR_T1w_seed5.nii.gz")
+    (written,) = (tmp_path / "out").glob("sub-0000_FLAIR_T1w_seed5_*.nii.gz")
+    out = nib.load(written)
     assert out.shape == volume.shape == (80, 112, 2)
     assert np.allclose(out.affine, affine) and out.header.get_zooms() == image.header.get_zooms()
     assert out.header["descrip"].tobytes().startswith(b"FLAIR volume")
     data = out.get_fdata()
     assert data.dtype.kind == "f" and 0 <= data.min() and data.max() <= 1
-    sidecar = json.loads((tmp_path / "out" / "sub-0000_FLAIR_T1w_seed5.json").read_text())
+    sidecar = json.loads(Path(str(written).replace(".nii.gz", ".json")).read_text())
     assert sidecar["input_kind"] == "volume" and sidecar["num_slices"] == 2 and sidecar["input_rescaled"]
-    assert not (tmp_path / "out" / "sub-0000_FLAIR_T1w_seed5.png").exists()
+    assert not list((tmp_path / "out").glob("*.png"))
 
 
 def test_png_input(trained, tmp_path):
@@ -162,8 +164,9 @@ def test_png_input(trained, tmp_path):
     )
     wf.run()
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["flair_T1w_seed0.json", "flair_T1w_seed0.nii.gz", "flair_T1w_seed0.png"]
-    assert nib.load(tmp_path / "out" / "flair_T1w_seed0.nii.gz").header.get_zooms()[:2] == (2.0, 2.0)
+    assert [n.split("_seed0_")[0] for n in names] == ["flair_T1w"] * 3
+    assert [n.split(".", 1)[1] for n in names] == ["json", "nii.gz", "png"]
+    assert nib.load(tmp_path / "out" / names[1]).header.get_zooms()[:2] == (2.0, 2.0)
 
 
 def _bad_inputs(d: Path) -> dict[str, tuple[str, str]]:
@@ -288,7 +291,8 @@ def test_cli_from_bundle_folder_with_shipped_weights(tmp_path):
     cmd += ["--output_dir", str(tmp_path), "--num_inference_steps", "5"]
     done = subprocess.run(cmd, cwd=BUNDLE, env=bundle_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    t1 = nib.load(tmp_path / "sub-0011_slice-2_FLAIR_T1w_seed0.nii.gz").get_fdata()
+    (written,) = tmp_path.glob("sub-0011_slice-2_FLAIR_T1w_seed0_*.nii.gz")
+    t1 = nib.load(written).get_fdata()
     truth = nib.load(BUNDLE / "examples" / "sub-0011_slice-2_T1w.nii.gz").get_fdata()
     assert t1.shape == truth.shape
     # the demo model follows the anatomy of the input: far closer to its own T1w than to a flipped one
@@ -318,12 +322,13 @@ def test_training_killed_midway_resumes(phantoms, tmp_path):
     run_dir = tmp_path / "run"
     args = _train_args(phantoms, tmp_path, epochs=4)
     kill_at_checkpoint(args, run_dir / "checkpoint_epoch=2.pt")
-    assert not (tmp_path / "models" / "controlnet.pt").exists(), "a killed run must not export final weights"
+    assert not (run_dir / "controlnet.pt").exists(), "a killed run must not export final weights"
     done = subprocess.run(args, cwd=REPO, env=bundle_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     log = done.stdout + done.stderr
     assert "checkpoint_epoch=" in log and "Epoch[1] Complete" not in log and "Epoch[4] Complete" in log, log[-2000:]
-    assert (tmp_path / "models" / "controlnet.pt").is_file()
+    assert (run_dir / "controlnet.pt").is_file()
+    assert not (tmp_path / "models" / "controlnet.pt").exists(), "training installs weights only when asked"
 
 
 def test_missing_pairs_in_datalist_are_reported(phantoms, tmp_path):
@@ -354,6 +359,6 @@ def test_torchrun_two_processes_on_cpu(phantoms, tmp_path):
     args += ["--cn_batch_size", "2", "--train_limit", "8", "--val_interval", "100"]
     done = subprocess.run(args, cwd=REPO, env=bundle_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == ["checkpoint_epoch=1.pt"]
-    state = load_weights(tmp_path / "models" / "controlnet.pt")["controlnet"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == ["checkpoint_epoch=1.pt", "controlnet.pt"]
+    state = load_weights(tmp_path / "run" / "controlnet.pt")["controlnet"]
     assert not any(k.startswith("module.") for k in state), "weights are saved without the DDP wrapper"

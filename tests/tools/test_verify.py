@@ -281,3 +281,11 @@ def test_shipped_weights_that_do_not_belong_together(bundles):
     torch.save(weights, path)
     report, _ = _verify(bundles, checks="properties")
     assert "was trained with another autoencoder" in _text(report)
+
+
+def test_torchscript_dir_keeps_the_checked_exports_that_load_and_run(controlnet_bundle, tmp_path):
+    report, _ = _verify(controlnet_bundle.parent, checks="networks", torchscript_dir=str(tmp_path / "ts"))
+    assert report.ok, _text(report)
+    files = sorted(p.relative_to(tmp_path / "ts").as_posix() for p in (tmp_path / "ts").rglob("*.ts"))
+    assert len(files) == 2 and all(f.startswith("tiny_controlnet/") for f in files)
+    assert all(isinstance(torch.jit.load(str(tmp_path / "ts" / f)), torch.jit.ScriptModule) for f in files)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -40,6 +41,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_net_in_out
 from monai.data import save_net_with_metadata
 
+from common.io.atomic import atomic_path
 from common.io.weights import load_weights
 from tools.release.large_files import read_large_files
 from tools.release.metadata import validate_metadata
@@ -366,10 +368,13 @@ class PropertiesCheck:
 class NetworkCheck:
     """In/out shapes (MONAI ``verify_net_in_out`` and the declared output structure) and TorchScript of one network."""
 
-    def __init__(self, bundle: Path, declaration: NetworkDeclaration, device: str = "cpu") -> None:
+    def __init__(
+        self, bundle: Path, declaration: NetworkDeclaration, device: str = "cpu", export_dir: Path | None = None
+    ) -> None:
         self.bundle = bundle
         self.decl = declaration
         self.device = device
+        self.export_dir = export_dir
         self.subject = f"network {declaration.net_id}"
         self.notes: list[str] = []
 
@@ -550,9 +555,22 @@ class NetworkCheck:
                 reloaded = [self._forward(scripted, example) for example in examples]
             except Exception as err:  # noqa: BLE001
                 return [self._problem(f"TorchScript export ({self.decl.torchscript})", err)]
-        return [
-            Problem(name, self.subject, p) for e, r in zip(eager, reloaded, strict=True) for p in self._compare(e, r)
-        ]
+            problems = [
+                Problem(name, self.subject, p)
+                for e, r in zip(eager, reloaded, strict=True)
+                for p in self._compare(e, r)
+            ]
+            if not problems and self.export_dir is not None:
+                self._keep(Path(tmp) / "network.ts")
+        return problems
+
+    def _keep(self, traced: Path) -> None:
+        """Copy the checked TorchScript file to ``export_dir/<bundle>/<net_id>.ts`` (atomically)."""
+        target = self.export_dir / self.bundle.name / f"{self.decl.net_id}.ts"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(traced, tmp)
+        self.notes.append(f"TorchScript written to {target}")
 
 
 def check_large_files(bundle: Path) -> tuple[list[Problem], list[str]]:
@@ -621,6 +639,7 @@ class BundleVerifier:
         networks: Sequence[str] | None = None,
         device: str = "cpu",
         echo: Callable[[str], None] = print,
+        torchscript_dir: Path | None = None,
     ) -> None:
         self.bundle = bundle
         self.datasets = datasets
@@ -628,6 +647,7 @@ class BundleVerifier:
         self.networks = networks
         self.device = device
         self.echo = echo
+        self.torchscript_dir = torchscript_dir
 
     def _timed(self, label: str, report: Report, run: Callable[[], list[Problem]]) -> None:
         start = time.perf_counter()
@@ -670,7 +690,7 @@ class BundleVerifier:
             if self.networks is not None and (unknown := set(self.networks) - {n.net_id for n in declaration.networks}):
                 report.problems.append(Problem(name, DECLARATION, f"no declared network {sorted(unknown)}"))
             for net in selected:
-                check = NetworkCheck(self.bundle, net, self.device)
+                check = NetworkCheck(self.bundle, net, self.device, self.torchscript_dir)
                 self._timed(f"network {net.net_id} ({net.torchscript})", report, check.run)
                 report.notes += [f"{name}: network {net.net_id}: {n}" for n in check.notes]
         return report
@@ -683,6 +703,7 @@ def verify_bundles(
     networks: str | Sequence[str] | None = None,
     device: str = "cpu",
     echo: Callable[[str], None] = print,
+    torchscript_dir: str | None = None,
 ) -> Report:
     """Verify the bundles (all under ``bundles_dir`` unless ``bundles`` names some); return every problem found.
 
@@ -692,6 +713,9 @@ def verify_bundles(
         checks: a subset of ``metadata, large_files, properties, networks``; default all.
         networks: restrict the network checks to these config ids.
         device: where networks run for the in/out and TorchScript checks.
+        torchscript_dir: keep each network's checked TorchScript file as ``<dir>/<bundle>/<net_id>.ts`` (traced or
+            scripted as ``configs/verify.json`` declares, with the bundle's weights and MONAI's bundle metadata), e.g.
+            for MONAI Deploy.
     """
     selected = parse_names(checks) or list(CHECKS)
     if unknown := sorted(set(selected) - set(CHECKS)):
@@ -703,7 +727,9 @@ def verify_bundles(
     with tempfile.TemporaryDirectory(prefix="verify_data_") as data_root, _quiet_monai():
         datasets = DatasetCache(Path(data_root))
         for folder in folders:
-            result = BundleVerifier(folder.resolve(), datasets, selected, parse_names(networks), device, echo).run()
+            export = None if torchscript_dir is None else Path(torchscript_dir).resolve()
+            verifier = BundleVerifier(folder.resolve(), datasets, selected, parse_names(networks), device, echo, export)
+            result = verifier.run()
             report.problems += result.problems
             report.notes += result.notes
     return report
@@ -715,11 +741,16 @@ def main(
     checks: str | Sequence[str] | None = None,
     networks: str | Sequence[str] | None = None,
     device: str = "cpu",
+    torchscript_dir: str | None = None,
 ) -> None:
-    """Command line: print a line per check, then notes and problems; exit 1 if any check failed."""
+    """Command line: print a line per check, then notes and problems; exit 1 if any check failed.
+
+    ``--torchscript_dir DIR --checks networks`` exports every declared network to TorchScript (checked against the
+    eager network) as ``DIR/<bundle>/<net_id>.ts``.
+    """
     start = time.perf_counter()
     try:
-        report = verify_bundles(bundles, bundles_dir, checks, networks, device)
+        report = verify_bundles(bundles, bundles_dir, checks, networks, device, torchscript_dir=torchscript_dir)
     except ValueError as error:
         print(f"verify_bundles: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -14,6 +14,8 @@ are paired by subject id.
 
 Per volume, with array axes (x, y, z) where (x, y) is the axial plane and z the inferior-superior axis:
 
+0. with ``spacing``, resampling to that voxel size (MONAI ``Spacing``, trilinear; the axis order and directions are
+   kept), so that data at 1 mm feed a model trained at 2 mm at the right scale;
 1. min-max scaling of the whole volume to [0, 1] (float32); FLAIR scaled on its own;
 2. choice of ``num_slices`` axial slices ``slice_step`` apart around a centre slice; the centre is
    ``z = Z // 2``, the middle of the volume (``slice_center="volume"``, default: for MNI-registered data the
@@ -362,6 +364,19 @@ def _as_shape(value: Any) -> tuple[int, ...]:
     return shape
 
 
+def _as_spacing(spacing: Any) -> tuple[float, float, float] | None:
+    """``None``, one positive number (isotropic) or three, as a 3-tuple of mm."""
+    if spacing is None:
+        return None
+    values = [spacing] if isinstance(spacing, numbers.Real) else list(spacing)
+    if isinstance(spacing, bool) or len(values) not in (1, 3):
+        raise DataPreparationError(f"spacing must be one number or three (mm), got {spacing!r}")
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v) and v > 0 for v in values):
+        raise DataPreparationError(f"spacing must be positive finite numbers (mm), got {spacing!r}")
+    values = values * 3 if len(values) == 1 else values
+    return tuple(float(v) for v in values)  # type: ignore[return-value]
+
+
 def _check_arguments(
     num_slices: int, slice_step: int, slice_center: str, target_shape: Sequence[int], caption: str
 ) -> None:
@@ -377,18 +392,41 @@ def _check_arguments(
         raise DataPreparationError("caption must be a non-empty string")
 
 
+def resample_volume(data: np.ndarray, affine: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` (X, Y, Z) resampled to voxels of ``spacing`` mm (trilinear), axis order and directions kept."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Spacing
+
+    resampled = Spacing(pixdim=tuple(float(s) for s in spacing), mode="bilinear", padding_mode="zeros")(
+        MetaTensor(torch.from_numpy(data)[None], affine=torch.as_tensor(affine, dtype=torch.float64))
+    )
+    return np.ascontiguousarray(resampled[0].numpy(), dtype=np.float32), np.asarray(resampled.affine, dtype=np.float64)
+
+
+def _depth_after(header: VolumeHeader, spacing: Sequence[float] | None) -> int:
+    if spacing is None:
+        return header.shape[2]
+    thickness = float(np.sqrt((header.affine[:3, 2] ** 2).sum()))
+    return int(round(header.shape[2] * thickness / float(spacing[2])))
+
+
 def _preflight(
-    subjects: list[SubjectFiles], axcodes: str | None, num_slices: int, slice_step: int
+    subjects: list[SubjectFiles],
+    axcodes: str | None,
+    num_slices: int,
+    slice_step: int,
+    spacing: Sequence[float] | None = None,
 ) -> dict[str, VolumeHeader]:
     """Check every header before anything is written: 3D, axial, tall enough, FLAIR on the T1w's grid."""
     headers = {}
     span = (num_slices - 1) * slice_step + 1
     for s in subjects:
         t1 = read_header(s.t1, axcodes)
-        if t1.shape[2] < span:
+        if (depth := _depth_after(t1, spacing)) < span:
             raise DataPreparationError(
-                f"subject {s.subject!r}: {s.t1} has {t1.shape[2]} axial slices, fewer than the {span} that "
-                f"{num_slices} slices {slice_step} apart need"
+                f"subject {s.subject!r}: {s.t1} has {depth} axial slices{' after resampling' if spacing else ''}, "
+                f"fewer than the {span} that {num_slices} slices {slice_step} apart need"
             )
         if s.flair is not None:
             flair = read_header(s.flair, axcodes)
@@ -427,6 +465,7 @@ def prepare_brain_mri(
     seed: int = 0,
     caption: str = DEFAULT_CAPTION,
     axcodes: str | None = None,
+    spacing: float | Sequence[float] | None = None,
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -437,7 +476,8 @@ def prepare_brain_mri(
     written (arguments, input folder and matches, FLAIR pairing, headers: 3D, axial, depth, T1w/FLAIR grids,
     output folder); voxel checks (non-finite, constant) run as each volume is read, and a failure there removes
     everything this run wrote. ``axcodes`` (e.g. ``"RAS"``) reorients volumes first; by default they are used as
-    stored (UK Biobank MNI volumes are LAS). ``overwrite`` allows a non-empty ``output_dir``: its ``images/``
+    stored (UK Biobank MNI volumes are LAS). ``spacing`` (mm, one value for isotropic voxels or three) resamples
+    every volume first; by default volumes keep their voxels. ``overwrite`` allows a non-empty ``output_dir``: its ``images/``
     and ``datalist.json`` are replaced once the new ones are complete, other files are left alone.
 
     ``datalist.json``: ``{"description", "preparation": {settings}, "training", "validation", "test"}``, each
@@ -448,6 +488,7 @@ def prepare_brain_mri(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     target_shape = _as_shape(target_shape)
     _check_arguments(num_slices, slice_step, slice_center, target_shape, caption)
+    spacing = _as_spacing(spacing)
     try:
         split_subjects([], val_fraction, test_fraction, seed)  # validates the fractions before any work
     except ValueError as err:
@@ -456,7 +497,7 @@ def prepare_brain_mri(
     for message in skipped:
         logger.warning(message)
     _check_output_dir(output_dir, input_dir, overwrite)
-    _preflight(subjects, axcodes, num_slices, slice_step)
+    _preflight(subjects, axcodes, num_slices, slice_step, spacing)
     splits = split_subjects([s.subject for s in subjects], val_fraction, test_fraction, seed)
 
     created = not output_dir.exists()
@@ -466,6 +507,8 @@ def prepare_brain_mri(
     try:
         for s in tqdm(subjects, desc="Preparing brain MRI", unit="subject", disable=not progress):
             t1, affine, header = load_volume(s.t1, axcodes)
+            if spacing is not None:
+                t1, affine = resample_volume(t1, affine, spacing)
             t1 = minmax_normalise(t1)
             indices = select_slices(t1, num_slices, slice_step, slice_center)
             offsets = crop_or_pad_offsets(t1.shape[:2], target_shape)
@@ -473,6 +516,8 @@ def prepare_brain_mri(
             flair_slices = flair_header = None
             if s.flair is not None:
                 flair, flair_affine, flair_header = load_volume(s.flair, axcodes)
+                if spacing is not None:
+                    flair, flair_affine = resample_volume(flair, flair_affine, spacing)
                 flair_slices = crop_or_pad_xy(minmax_normalise(flair)[:, :, indices], target_shape)
             centre = np.array([(target_shape[0] - 1) / 2, (target_shape[1] - 1) / 2, 0.0, 1.0])
             subject_entries = []
@@ -522,6 +567,7 @@ def prepare_brain_mri(
             "slice_center": slice_center,
             "target_shape": list(target_shape),
             "axcodes": axcodes,
+            "spacing_mm": None if spacing is None else list(spacing),
             "intensity": "min-max per volume to [0, 1]",
             "seed": seed,
             "val_fraction": val_fraction,

@@ -55,3 +55,28 @@ def test_bad_condition_images(tmp_path, make, message):
     with pytest.raises(ValueError) as info:
         load_condition_image(make(tmp_path), IMAGE_SIZE, modality="FLAIR")
     assert message in str(info.value)
+
+
+def _slice(tmp_path, name, affine, size=IMAGE_SIZE):
+    array = np.zeros(size, dtype=np.float32)
+    array[4:-4, 4:-4] = np.random.default_rng(0).random((size[0] - 8, size[1] - 8))
+    return write_nifti(tmp_path / name, array, affine)
+
+
+def test_spacing_and_axis_order_of_a_nifti_input_are_checked(tmp_path, caplog):
+    two_mm = np.diag([2.0, 2.0, 2.0, 1.0])
+    assert load_condition_image(_slice(tmp_path, "ok.nii.gz", two_mm), IMAGE_SIZE, "FLAIR", spacing=(2, 2)).kind
+    with pytest.raises(ValueError, match=r"voxels of 1.00 x 1.00 mm, but the model was trained on 2.00 x 2.00 mm"):
+        load_condition_image(_slice(tmp_path, "1mm.nii.gz", np.eye(4)), IMAGE_SIZE, "FLAIR", spacing=(2, 2))
+    swapped = np.array([[0, 2.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    with pytest.raises(ValueError, match="array axes ARS"):
+        load_condition_image(_slice(tmp_path, "swapped.nii.gz", swapped), IMAGE_SIZE, "FLAIR", spacing=(2, 2))
+    flipped = np.diag([-2.0, 2.0, 2.0, 1.0])
+    load_condition_image(_slice(tmp_path, "las.nii.gz", flipped), IMAGE_SIZE, "FLAIR", spacing=(2, 2))
+    assert "left-right flipped" in caplog.text
+
+
+def test_an_image_without_background_is_warned_about(tmp_path, caplog):
+    photo = write_nifti(tmp_path / "photo.nii.gz", 0.2 + np.random.default_rng(1).random(IMAGE_SIZE) * 0.5)
+    load_condition_image(photo, IMAGE_SIZE, "FLAIR")
+    assert "does not look like a skull-stripped FLAIR slice" in caplog.text

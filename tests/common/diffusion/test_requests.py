@@ -24,3 +24,12 @@ def test_over_long_prompt_error_states_the_real_limit():
         sample_requests("x" * 1200, 1, 0)
     with pytest.raises(ValueError, match="more than the 50 accepted"):
         sample_requests("x" * 60, 1, 0, max_prompt_chars=50)
+
+
+def test_translation_prompts_follow_the_same_rules_as_generation_prompts(tmp_path):
+    v = load_condition_image(write_nifti(tmp_path / "v.nii.gz", np.random.rand(16, 16, 1)), IMAGE_SIZE, "FLAIR")
+    assert translation_requests(v, seed=0, prompt="")[0]["prompt"] == ""  # no prompt: allowed for translation
+    with pytest.raises(ValueError, match="more than the 1000 accepted"):
+        translation_requests(v, seed=0, prompt="x" * 1001)
+    with pytest.raises(ValueError, match="more than the 1000 accepted"):
+        sample_requests("x" * 1001, 1, 0)

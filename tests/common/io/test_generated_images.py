@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from common.io.generated_images import GeneratedImageWriterd, slugify
+from common.io.output_names import settings_digest
 
 SIDECAR = {"bundle": "brain_t1_ldm", "version": "0.1.0", "num_inference_steps": 50, "guidance_scale": 7.0}
 
@@ -27,7 +28,11 @@ def _request(image, prompt="T1-weighted image of a brain.", seed=3, index=0):
 
 
 def _writer(tmp_path, **kwargs):
-    return GeneratedImageWriterd(str(tmp_path / "out"), spacing=(0.5, 0.75), sidecar=SIDECAR, **kwargs)
+    return GeneratedImageWriterd(str(tmp_path / "out"), spacing=(0.5, 0.75), **{"sidecar": SIDECAR, **kwargs})
+
+
+def _stem(prompt="T1-weighted image of a brain.", seed=3, sidecar=SIDECAR):
+    return f"{slugify(prompt, max_len=48)}_seed{seed}_{settings_digest({'prompt': prompt, **sidecar, 'weights': {}})}"
 
 
 @pytest.mark.parametrize(
@@ -50,13 +55,14 @@ def test_slugify_is_short_and_never_ends_with_underscore():
     slug = slugify("word " * 40)
     assert len(slug) <= 80 and not slug.endswith("_")
     assert slugify("abc def", max_len=4) == "abc"
+    assert slugify("t1 weighted image of a brain", max_len=12) == "t1_weighted"  # cut at a word boundary
 
 
 def test_writes_nifti_png_and_sidecar(tmp_path):
     image = _image()
     out = _writer(tmp_path)(_request(image))
     out_dir = tmp_path / "out"
-    stem = "t1-weighted_image_of_a_brain_seed3"
+    stem = _stem()
     assert sorted(p.name for p in out_dir.iterdir()) == [f"{stem}.json", f"{stem}.nii.gz", f"{stem}.png"]
     assert out["output_files"] == [str(out_dir / f"{stem}.nii.gz"), str(out_dir / f"{stem}.png")]
     assert out["pred"] is image  # the input is passed on
@@ -99,19 +105,56 @@ def test_png_reads_back_with_monai_in_the_same_orientation_as_the_nifti(tmp_path
     assert np.abs(from_png / 255.0 - from_nifti).max() <= 1 / 255 + 1e-6
 
 
-def test_same_request_gives_byte_identical_files(tmp_path):
+def test_same_request_gives_byte_identical_files_and_is_refused_unless_overwrite(tmp_path):
     writer = _writer(tmp_path)
     writer(_request(_image()))
     first = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    writer(_request(_image()))  # overwrites the same names
+    with pytest.raises(FileExistsError, match="--overwrite True"):
+        writer(_request(_image(1)))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == first
+    _writer(tmp_path, overwrite=True)(_request(_image()))
     second = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     assert first == second
 
 
+def test_existing_outputs_are_refused_at_construction_before_any_work(tmp_path):
+    requests = [{"prompt": "T1-weighted image of a brain.", "seed": s, "index": s} for s in (3, 4)]
+    _writer(tmp_path, requests=requests)(_request(_image(), seed=4))
+    with pytest.raises(FileExistsError, match="1 output file|3 output file"):
+        _writer(tmp_path, requests=requests)
+    _writer(tmp_path, requests=requests, overwrite=True)  # asked for: accepted
+    _writer(tmp_path, requests=requests[:1])  # seed 3 was never written
+
+
+def test_nan_image_is_refused_and_nothing_written(tmp_path):
+    image = _image()
+    image[0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        _writer(tmp_path)(_request(image))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"prompt": "T1-weighted image of a brain of a 70 year old subject with large ventricles, axial slice one"},
+        {"sidecar": {**SIDECAR, "guidance_scale": 3.0}},
+        {"sidecar": {**SIDECAR, "num_inference_steps": 20}},
+    ],
+)
+def test_settings_that_change_the_image_change_the_name(tmp_path, change):
+    base = "T1-weighted image of a brain of a 70 year old subject with large ventricles, axial slice two"
+    prompt = change.get("prompt", base)
+    a = _writer(tmp_path)(_request(_image(), prompt=base))["output_files"]
+    b = _writer(tmp_path, **({"sidecar": change["sidecar"]} if "sidecar" in change else {}))
+    b = b(_request(_image(), prompt=prompt))["output_files"]
+    assert set(a).isdisjoint(b)
+
+
 def test_tensor_request_values_become_plain_json(tmp_path):
     out = _writer(tmp_path)(_request(_image(), seed=torch.tensor(7), index=torch.tensor([2])))
-    assert out["output_files"][0].endswith("_seed7.nii.gz")
-    sidecar = json.loads((tmp_path / "out" / "t1-weighted_image_of_a_brain_seed7.json").read_text())
+    assert out["output_files"][0].endswith(f"{_stem(seed=7)}.nii.gz")
+    sidecar = json.loads((tmp_path / "out" / f"{_stem(seed=7)}.json").read_text())
     assert sidecar["seed"] == 7 and sidecar["index"] == 2
 
 
@@ -123,7 +166,8 @@ def test_different_seeds_and_prompts_get_different_names(tmp_path):
 
 def test_unconditional_prompt_name(tmp_path):
     out = _writer(tmp_path)(_request(_image(), prompt=""))
-    assert out["output_files"][0].endswith("unconditional_seed3.nii.gz")
+    assert out["output_files"][0].endswith(f"{_stem(prompt='')}.nii.gz")
+    assert "/unconditional_seed3_" in out["output_files"][0]
 
 
 @pytest.mark.parametrize("shape", [(H, W), (2, H, W), (1, 1, H, W), (3, H, W)])
@@ -136,15 +180,15 @@ def test_wrong_shape_raises_and_writes_nothing(tmp_path, shape):
 
 def test_numpy_image_is_accepted(tmp_path):
     out = _writer(tmp_path, formats=("png",))(_request(_image().numpy()))
-    assert [p.split("/")[-1] for p in out["output_files"]] == ["t1-weighted_image_of_a_brain_seed3.png"]
+    assert [p.split("/")[-1] for p in out["output_files"]] == [f"{_stem()}.png"]
 
 
 def test_png_only(tmp_path):
     _writer(tmp_path, formats=("png",))(_request(_image()))
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["t1-weighted_image_of_a_brain_seed3.json", "t1-weighted_image_of_a_brain_seed3.png"]
+    assert names == [f"{_stem()}.json", f"{_stem()}.png"]
     sidecar = json.loads((tmp_path / "out" / names[0]).read_text())
-    assert sidecar["files"] == ["t1-weighted_image_of_a_brain_seed3.png"]
+    assert sidecar["files"] == [f"{_stem()}.png"]
 
 
 def test_unknown_format_rejected(tmp_path):

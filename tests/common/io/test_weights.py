@@ -108,3 +108,9 @@ def test_load_state(weights_file):
     net = make_tiny_net(2)
     assert load_state(net, load_weights(weights_file)) is net
     assert_same_weights(net, make_tiny_net(1))
+
+
+def test_a_relative_weights_path_says_how_to_run_from_another_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"relative to the current folder .*--bundle_root"):
+        load_weights("models/autoencoder.pt")

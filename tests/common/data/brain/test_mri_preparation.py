@@ -264,3 +264,28 @@ def test_cli(tmp_path):
     assert res.returncode == 2 and "error: output directory" in res.stderr and "Traceback" not in res.stderr
     res = subprocess.run([*tool, "--input_dir", str(tmp_path / "nope"), "--output_dir", str(out)], capture_output=True)
     assert res.returncode == 2 and b"input directory not found" in res.stderr
+
+
+def test_spacing_resamples_to_the_target_voxel_size_keeping_the_axes(tmp_path):
+    """1 x 1.2 x 2.5 mm volumes prepared for a 2 mm model: 2 mm slices, LAS kept, the brain at the same place."""
+    root = _ukbb(tmp_path / "in", ["s1", "s2", "s3"], shape=(80, 90, 20), flair=True)
+    out = tmp_path / "out"
+    prepare_brain_mri(root, out, with_flair=True, spacing=2, target_shape=(40, 54), num_slices=3, progress=False)
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert datalist["preparation"]["spacing_mm"] == [2.0, 2.0, 2.0]
+    entry = datalist["training"][0]
+    image = nib.load(out / entry["image"])
+    assert image.shape == (40, 54)
+    assert np.allclose(image.header.get_zooms()[:2], (2.0, 2.0))
+    assert nib.aff2axcodes(image.affine) == ("L", "A", "S")
+    assert nib.load(out / entry["flair"]).shape == (40, 54)
+    # the brain fills about the same fraction of the field of view as at full resolution (80 mm -> 40 voxels)
+    assert 0.5 < (np.asarray(image.dataobj) > 0).mean() < 0.8
+
+
+@pytest.mark.parametrize("spacing", [0, -1, [1, 2], True, float("nan")])
+def test_bad_spacing_is_refused_before_work(tmp_path, spacing):
+    root = _ukbb(tmp_path / "in", ["s1", "s2", "s3"], shape=(20, 20, 12), flair=False)
+    with pytest.raises(DataPreparationError, match="spacing must be"):
+        prepare_brain_mri(root, tmp_path / "out", spacing=spacing, progress=False)
+    assert not (tmp_path / "out").exists()
