@@ -25,6 +25,7 @@ import torch
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, PatchDiscriminator
 
 from common.io.weights import load_weights
+from common.networks.feature_extractors import PhantomFeatureNet
 from common.networks.text_encoder import build_clip_text_model
 
 #: Record key of the architectures inside an exported weight file.
@@ -37,6 +38,7 @@ NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {
     "ControlNet": ControlNet,
     "PatchDiscriminator": PatchDiscriminator,
     "CLIPTextModel": build_clip_text_model,
+    "PhantomFeatureNet": PhantomFeatureNet,
 }
 
 
