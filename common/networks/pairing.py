@@ -79,3 +79,30 @@ def check_dependencies(
             f"an autoencoder or text encoder it was not trained with. Use the weights it was trained with. {how_to_fix}"
         )
     return weights
+
+
+def unpaired_weights(models_dir: str | Path) -> list[str]:
+    """Why weight files of ``models_dir`` do not belong together: one per recorded dependency found there that differs.
+
+    A file recording ``depends_on: {"autoencoder": fp}`` is compared with ``models_dir/autoencoder.pt`` (entry
+    ``"autoencoder"``, built from its architecture record). Dependencies that live elsewhere (another bundle's
+    folder) are not looked for here; loading checks them.
+    """
+    from common.io.weights import load_weights
+    from common.networks.architecture import network_from_weights
+
+    problems = []
+    folder = Path(models_dir)
+    for path in sorted(folder.glob("*.pt")):
+        recorded = load_weights(path).get(DEPENDS_ON_KEY) or {}
+        for name, expected in recorded.items():
+            dependency = folder / f"{name}.pt"
+            if not dependency.is_file() or name not in DEPENDENCY_PARTS:
+                continue
+            actual = fingerprint(name, network_from_weights(load_weights(dependency), name, dependency))
+            if actual != expected:
+                problems.append(
+                    f"{path.name} was trained with another {name} than {dependency.name} (recorded {expected[:12]}, "
+                    f"found {actual[:12]}): ship the {name} it was trained with, or retrain it"
+                )
+    return problems

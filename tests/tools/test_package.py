@@ -17,6 +17,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import common
@@ -102,6 +103,19 @@ def test_refuses_a_version_missing_from_the_changelog(tmp_path):
         timeout=120,
     )
     assert done.returncode == 2 and "changelog" in done.stderr and NAME in done.stderr
+
+
+def test_refuses_shipped_weights_that_do_not_belong_together(tmp_path):
+    """A diffusion model beside an autoencoder it was not trained with is not released."""
+    bundle = copy_bundle(tmp_path / "bundles")
+    path = bundle / "models" / "autoencoder.pt"
+    weights = torch.load(path, weights_only=True)
+    key = next(k for k in weights["autoencoder"] if k.startswith("encoder."))
+    weights["autoencoder"][key] = weights["autoencoder"][key] + 0.01
+    torch.save(weights, path)
+    with pytest.raises(PackagingError, match="diffusion_model.pt was trained with another autoencoder"):
+        package_bundles(bundles_dir=str(tmp_path / "bundles"), output_dir=str(tmp_path / "dist"))
+    assert not (tmp_path / "dist").exists()
 
 
 def test_large_files_present_locally_are_packed_and_checked(tmp_path):

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.io.atomic import atomic_path, write_json
+from common.networks.pairing import unpaired_weights
 from tools.release.large_files import file_digest, read_large_files
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -400,6 +401,10 @@ def package_bundles(
         raise PackagingError(f"no bundle (a folder with configs/metadata.json) under {bundles_dir}")
     for folder in folders:
         BundleSource(folder.resolve(), Path(shared_package).resolve()).version()
+        if unpaired := unpaired_weights(folder / "models"):
+            raise PackagingError(
+                f"bundle {folder.name}: shipped weights do not belong together: {'; '.join(unpaired)}."
+            )
         for part in (folder, Path(shared_package)):
             if stray := GitIgnored(part).untracked(part.resolve()):
                 shown = ", ".join(str(p) for p in stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
