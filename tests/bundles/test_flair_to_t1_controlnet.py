@@ -83,6 +83,20 @@ def trained(phantoms, tmp_path_factory) -> Path:
     return model_dir
 
 
+def test_a_last_batch_of_one_image_in_training_and_validation(phantoms, tmp_path):
+    """Batches of 2 over 3 training and 3 validation slices: every handler (images, metrics) copes with one image."""
+    wf = workflow(
+        "train_controlnet.json",
+        "train",
+        dataset_dir=str(phantoms),
+        model_dir=str(tmp_path / "models"),
+        run_dir=str(tmp_path / "run"),
+        **{**TINY, "cn_batch_size": 2, "train_limit": 3, "val_limit": 3},
+    )
+    wf.run()
+    assert (tmp_path / "run" / "controlnet.pt").is_file() and not (tmp_path / "models").exists()
+
+
 def test_trained_controlnet_starts_from_base_unet_and_keeps_it_frozen(trained):
     cn = load_weights(trained / "controlnet.pt")["controlnet"]
     base = load_weights(BASE_MODELS / "diffusion_model.pt")["unet"]
