@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.data.transforms import PromptDropoutd
+from common.data.transforms import PromptDropoutd, RandReportSentencesd
 
 PROMPT = "T1-weighted image of a brain."
 
@@ -41,3 +41,41 @@ def test_prompt_dropout_rate_and_reproducibility():
     a = draws(0)
     assert a == draws(0)
     assert 0.07 < sum(a) / len(a) < 0.13
+
+
+SENTENCES = [
+    "Heart size is normal.",
+    "Large left pleural effusion.",
+    "No pneumothorax.",
+    "Lines unchanged.",
+    "A.",
+    "B.",
+]
+
+
+def test_report_excerpts_draw_every_count_from_one_to_five_in_report_order():
+    sampler = RandReportSentencesd(keys="sentences", prompt_key="prompt")
+    sampler.set_random_state(seed=0)
+    counts = []
+    for _ in range(500):
+        prompt = sampler({"sentences": SENTENCES})["prompt"]
+        chosen = [s for s in SENTENCES if s in prompt]
+        assert prompt == " ".join(chosen)  # report order kept, nothing else added
+        counts.append(len(chosen))
+    assert sorted(set(counts)) == [1, 2, 3, 4, 5]  # 5 included (the article's sampler never drew it)
+    assert min(counts.count(k) for k in range(1, 6)) > 60  # about uniform: 100 each expected
+
+
+def test_report_excerpts_are_reproducible_and_handle_short_or_empty_reports():
+    a, b = RandReportSentencesd("sentences"), RandReportSentencesd("sentences")
+    a.set_random_state(seed=3)
+    b.set_random_state(seed=3)
+    assert [a({"sentences": SENTENCES})["prompt"] for _ in range(5)] == [
+        b({"sentences": SENTENCES})["prompt"] for _ in range(5)
+    ]
+    assert a({"sentences": ["Only one."]})["prompt"] == "Only one."
+    assert a({"sentences": []})["prompt"] == ""
+    with pytest.raises(TypeError, match="list of sentences"):
+        a({"sentences": "Heart size is normal. No effusion."})
+    with pytest.raises(ValueError, match="min_sentences"):
+        RandReportSentencesd("sentences", min_sentences=3, max_sentences=2)
