@@ -161,6 +161,10 @@ STANDARD_OPTIONS: dict[str, dict[str, Any]] = {
         "schema": {"anyOf": [{"type": "null"}, {"type": "number", "exclusiveMinimum": 0}]},
         "help": "latent scale factor (null: 1 / std of the first latents, computed at the start)",
     },
+    "cache_latents": {
+        "schema": _BOOL,
+        "help": "encode the training images once and draw latents from the cached moments (same distribution, faster)",
+    },
     "sample_steps": {"schema": _STEPS, "help": "sampling steps of the TensorBoard sample images"},
     "sample_guidance_scale": {"schema": _GUIDANCE, "help": "guidance of the TensorBoard sample images"},
     # evaluation of generation

@@ -13,6 +13,9 @@ from monai.networks.nets import AutoencoderKL
 
 logger = logging.getLogger(__name__)
 
+#: Batch keys of cached posterior moments (unscaled), written by ``common.diffusion.latent_cache``.
+MU_KEY, SIGMA_KEY = "z_mu", "z_sigma"
+
 
 class ScaledLatentSpace:
     """Frozen ``AutoencoderKL`` whose latents are multiplied by ``scale_factor``.
@@ -50,6 +53,19 @@ class ScaledLatentSpace:
         return self.autoencoder.encode_stage_2_inputs(images) * self._require_scale()
 
     @torch.no_grad()
+    def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``(B, C, H, W)`` -> unscaled posterior mean and standard deviation, each ``(B, c, H / f, W / f)``."""
+        return self.autoencoder.encode(images)
+
+    def sample(self, z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+        """Scaled latents drawn from cached moments: ``(z_mu + eps * z_sigma) * scale_factor``, fresh ``eps`` per call.
+
+        The same distribution as :meth:`encode` (MONAI's ``encode_stage_2_inputs`` draws the same way), without
+        running the encoder again: what makes cached-latent training exact.
+        """
+        return self.autoencoder.sampling(z_mu, z_sigma) * self._require_scale()
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents ``(B, latent_channels, h, w)`` -> images ``(B, C, h * f, w * f)``."""
         return self.autoencoder.decode_stage_2_outputs(latents / self._require_scale())
@@ -63,7 +79,10 @@ class ScaledLatentSpace:
         for i, batch in enumerate(batches):
             if i >= max_batches:
                 break
-            z = self.autoencoder.encode_stage_2_inputs(batch[image_key].to(device)).double()
+            if MU_KEY in batch:  # cached moments (common.diffusion.latent_cache): no encoder pass
+                z = self.autoencoder.sampling(batch[MU_KEY].to(device), batch[SIGMA_KEY].to(device)).double()
+            else:
+                z = self.autoencoder.encode_stage_2_inputs(batch[image_key].to(device)).double()
             total += torch.stack([torch.tensor(z.numel(), dtype=torch.float64, device=device), z.sum(), (z * z).sum()])
         total = idist.all_reduce(total)
         count, s, ss = total.tolist()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from monai.engines import DiffusionPrepareBatch, PrepareBatch
 
-from common.diffusion.latent_space import ScaledLatentSpace
+from common.diffusion.latent_space import MU_KEY, SIGMA_KEY, ScaledLatentSpace
 from common.networks.text_encoder import CLIPPromptEncoder
 
 
@@ -27,7 +27,9 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
     """Batch dict -> noised-latent training example for a text-conditioned latent diffusion UNet.
 
     Images ``(B, C, H, W)`` are encoded into scaled latents ``(B, c, H/f, W/f)`` by the frozen
-    autoencoder here, not inside the inferer, because the v-prediction target needs the latent.
+    autoencoder here, not inside the inferer, because the v-prediction target needs the latent. A batch that
+    carries cached posterior moments (``z_mu``, ``z_sigma``: :mod:`common.diffusion.latent_cache`) is not encoded
+    again: its latents are drawn from the moments, the same distribution at a fraction of the cost.
     Prompts (``B`` strings, already dropped to ``""`` by ``PromptDropoutd`` where chosen) become the
     cross-attention context ``(B, 77, D)``.
 
@@ -58,9 +60,18 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
             return images
         return noise
 
-    def __call__(self, batchdata: Mapping[str, Any], device=None, non_blocking: bool = False, **kwargs: Any):
+    def latents(self, batchdata: Mapping[str, Any], device=None, non_blocking: bool = False, **kwargs: Any):
+        """Scaled latents of the batch: drawn from cached moments when the batch has them, else encoded now."""
+        if MU_KEY in batchdata:
+            mu, sigma = (
+                batchdata[k].to(device=device, non_blocking=non_blocking, **kwargs) for k in (MU_KEY, SIGMA_KEY)
+            )
+            return self.latent_space.sample(mu, sigma)
         images = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
-        latents = self.latent_space.encode(images)
+        return self.latent_space.encode(images)
+
+    def __call__(self, batchdata: Mapping[str, Any], device=None, non_blocking: bool = False, **kwargs: Any):
+        latents = self.latents(batchdata, device, non_blocking, **kwargs)
         noise = self.get_noise(latents)
         timesteps = self.get_timesteps(latents)
         target = self.get_target(latents, noise, timesteps)

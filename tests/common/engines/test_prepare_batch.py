@@ -132,3 +132,23 @@ def test_stochastic_image_depends_only_on_prompt_and_seed_not_on_batch(latent_sp
     noise, _, args, kwargs = prepare(_request_batch(num_samples=1, seed=6))
     alone = sampler(noise, unet, *args, **kwargs)[0]
     torch.testing.assert_close(in_batch, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_a_batch_of_cached_moments_gives_what_encoding_gives(latent_space, prompt_encoder, images):
+    """Cached-latent training is exact: same noise, same latents, target and context as encoding each step."""
+    scheduler = SchedulerSettings().build("ddpm")
+    prepare = LatentDiffusionPrepareBatch(latent_space, prompt_encoder, scheduler)
+    mu, sigma = latent_space.moments(images)
+    cached = {"z_mu": mu, "z_sigma": sigma, "caption": _training_batch(images)["caption"]}
+    torch.manual_seed(5)
+    expected = prepare(_training_batch(images))
+    torch.manual_seed(5)
+    got = prepare(cached)
+    for a, b in zip(
+        (got[0], got[1], got[3]["noise"], got[3]["timesteps"]),
+        (expected[0], expected[1], expected[3]["noise"], expected[3]["timesteps"]),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+    latent_space.scale_factor = None
+    assert latent_space.fit_scale_factor([cached], "image", "cpu") > 0  # fitted from the moments, no image needed
