@@ -4,4 +4,4 @@ Nothing here is bundle- or modality-specific: bundles reach it from their config
 ``common.<subpackage>.<module>``, and give names, modalities and hints as config values.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
