@@ -349,3 +349,33 @@ def test_guided_sampler_uses_condition_and_scale(latent_space):
     assert torch.allclose(sample(0.0, 1.0, cond), sample(0.0, 1.0, cond.flip(0)))
     with pytest.raises(ValueError, match="conditioning_scale"):
         ControlNetGuidedSampler(latent_space, SchedulerSettings(), diffusion_model=unet, conditioning_scale=-1)
+
+
+def test_embedding_the_condition_once_gives_what_embedding_it_at_every_step_gives(latent_space):
+    """The ControlNet's conditioning embedding is computed once per batch: same images, embedding module restored."""
+    unet = freeze(make_unet())
+    controlnet = controlnet_from_unet(make_controlnet(), unet.state_dict())
+    with torch.no_grad():
+        for name, p in controlnet.named_parameters():
+            if "zero" in name or name.startswith("controlnet_"):
+                p.normal_(0, 0.2)
+    latents, context, cond = _inputs()
+    sampler = ControlNetGuidedSampler(
+        latent_space,
+        SchedulerSettings(num_train_timesteps=100),
+        diffusion_model=unet,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        progress=False,
+    )
+    uncond = torch.zeros_like(context)
+    calls = []
+    hook = controlnet.controlnet_cond_embedding.register_forward_hook(lambda *_: calls.append(1))
+    fast = sampler(latents, controlnet, context=context, uncond_context=uncond, controlnet_cond=cond)
+    assert len(calls) == 1, "embedded once, not at each of the 3 steps"
+    hook.remove()
+    every_step = GuidedLatentSampler.sample_latents(
+        sampler, latents, controlnet, context, uncond, controlnet_cond=cond
+    )  # the parent loop: the ControlNet embeds the condition itself at every step
+    torch.testing.assert_close(fast, latent_space.decode(every_step), atol=1e-5, rtol=1e-5)
+    assert not isinstance(controlnet.controlnet_cond_embedding, torch.nn.Identity)
