@@ -72,6 +72,10 @@ STANDARD_OPTIONS: dict[str, dict[str, Any]] = {
         "help": "torch device, e.g. cpu or cuda:0",
     },
     "amp": {"schema": _BOOL, "help": "mixed precision (CUDA only)"},
+    "precision": {
+        "schema": {"enum": ["fp32", "bf16"]},
+        "help": "precision of the network calls while sampling (bf16: autocast, faster where the device has bf16)",
+    },
     "progress": {"schema": _BOOL, "help": "show progress bars"},
     "prompt": {"schema": {"type": "string", "maxLength": 1000}, "help": "text describing the image"},
     "num_samples": {"schema": {"type": "integer", "minimum": 1, "maximum": 100000}, "help": "images to generate"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -15,6 +15,9 @@ from common.diffusion.latent_space import ScaledLatentSpace
 from common.diffusion.schedules import SchedulerSettings
 
 logger = logging.getLogger(__name__)
+
+#: Numerical precisions of the network calls while sampling.
+PRECISIONS = ("fp32", "bf16")
 
 
 SCHEDULERS = ("ddim", "ddpm")
@@ -73,6 +76,8 @@ class GuidedLatentSampler(Inferer):
         eta: DDIM noise, 0 (deterministic given the starting noise) to 1 (as much fresh noise per step as DDPM,
             drawn from the per-sample generator, so still reproducible); ignored by ``"ddpm"``.
         progress: show a progress bar over denoising steps.
+        precision: ``"fp32"``, or ``"bf16"``: the network calls run under bfloat16 autocast (on a CPU with native
+            bf16, or a GPU, about 1.5x faster per UNet call); the scheduler and decoding stay in float32.
     """
 
     def __init__(
@@ -84,8 +89,12 @@ class GuidedLatentSampler(Inferer):
         guidance_scale: float = 7.0,
         eta: float = 0.0,
         progress: bool = True,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+        self.precision = precision
         check_sampling_settings(
             num_inference_steps, guidance_scale, scheduler, settings.values["num_train_timesteps"], eta=eta
         )
@@ -116,18 +125,9 @@ class GuidedLatentSampler(Inferer):
         latents = noise
         steps = tqdm(self.scheduler.timesteps, desc="sampling", disable=not self.progress, leave=False)
         for t in steps:
-            if scale in (0.0, 1.0):
-                ctx = uncond_context if scale == 0.0 else context
-                timesteps = t.expand(latents.shape[0]).to(latents.device)
-                pred = self.predict(network, latents, timesteps, ctx, **model_kwargs)
-            else:
-                timesteps = t.expand(2 * latents.shape[0]).to(latents.device)
-                doubled = {k: torch.cat([v, v]) for k, v in model_kwargs.items()}
-                both = self.predict(
-                    network, torch.cat([latents, latents]), timesteps, torch.cat([uncond_context, context]), **doubled
-                )
-                pred_uncond, pred_cond = both.chunk(2)
-                pred = pred_uncond + scale * (pred_cond - pred_uncond)
+            with self._autocast(latents.device):
+                pred = self._guided_prediction(network, latents, t, scale, context, uncond_context, model_kwargs)
+            pred = pred.float()
             kwargs = {"eta": self.eta} if self.scheduler_name == "ddim" else {}
             if isinstance(generator, list | tuple):
                 latents = torch.cat(
@@ -139,6 +139,34 @@ class GuidedLatentSampler(Inferer):
             else:
                 latents, _ = self.scheduler.step(pred, int(t), latents, generator=generator, **kwargs)
         return latents
+
+    def _autocast(self, device: torch.device) -> AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _guided_prediction(
+        self,
+        network: torch.nn.Module,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        scale: float,
+        context: torch.Tensor,
+        uncond_context: torch.Tensor,
+        model_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """The guided model output at step ``t``: one network call of ``B`` (guidance 0 or 1) or ``2B`` samples."""
+        if scale in (0.0, 1.0):  # the other half would be thrown away: not computed
+            ctx = uncond_context if scale == 0.0 else context
+            timesteps = t.expand(latents.shape[0]).to(latents.device)
+            return self.predict(network, latents, timesteps, ctx, **model_kwargs)
+        timesteps = t.expand(2 * latents.shape[0]).to(latents.device)
+        doubled = {k: torch.cat([v, v]) for k, v in model_kwargs.items()}
+        both = self.predict(
+            network, torch.cat([latents, latents]), timesteps, torch.cat([uncond_context, context]), **doubled
+        )
+        pred_uncond, pred_cond = both.chunk(2)
+        return pred_uncond + scale * (pred_cond - pred_uncond)
 
     @torch.no_grad()
     def __call__(

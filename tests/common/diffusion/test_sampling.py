@@ -379,3 +379,28 @@ def test_embedding_the_condition_once_gives_what_embedding_it_at_every_step_give
     )  # the parent loop: the ControlNet embeds the condition itself at every step
     torch.testing.assert_close(fast, latent_space.decode(every_step), atol=1e-5, rtol=1e-5)
     assert not isinstance(controlnet.controlnet_cond_embedding, torch.nn.Identity)
+
+
+def test_bf16_sampling_stays_close_to_fp32_and_unknown_precision_is_refused(latent_space):
+    unet = make_unet()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, *LATENT, generator=g)
+    context, uncond = torch.randn(2, 77, CONTEXT_DIM, generator=g), torch.zeros(2, 77, CONTEXT_DIM)
+
+    def sample(precision):
+        sampler = GuidedLatentSampler(
+            latent_space,
+            SchedulerSettings(num_train_timesteps=100),
+            num_inference_steps=3,
+            guidance_scale=3.0,
+            progress=False,
+            precision=precision,
+        )
+        return sampler.sample_latents(noise, unet, context, uncond)
+
+    fp32, bf16 = sample("fp32"), sample("bf16")
+    assert fp32.dtype == bf16.dtype == torch.float32  # the scheduler works in float32 either way
+    assert not torch.equal(fp32, bf16), "bf16 autocast really ran"
+    assert (fp32 - bf16).abs().max() < 0.1 * fp32.abs().max()
+    with pytest.raises(ValueError, match="Unknown precision 'fp16'"):
+        GuidedLatentSampler(latent_space, SchedulerSettings(), precision="fp16")
