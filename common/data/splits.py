@@ -46,3 +46,21 @@ def split_subjects(
         "validation": sorted(shuffled[n_test : n_test + n_val]),
         "test": sorted(shuffled[:n_test]),
     }
+
+
+def split_generated_subjects(
+    count: int, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, noun: str = "subjects"
+) -> dict[str, list[int]]:
+    """:func:`split_subjects` of the generated subjects (or patients) ``0..count-1``, each split asked for non-empty.
+
+    Raises ``ValueError`` before anything is generated when a split asked for (a non-zero fraction, and training
+    always) would be empty: a data set without a test split cannot be evaluated.
+    """
+    splits = split_subjects(range(count), val_fraction, test_fraction, seed)
+    wanted = {"training": 1.0, "validation": val_fraction, "test": test_fraction}
+    if empty := [name for name, ids in splits.items() if not ids and wanted[name] > 0]:
+        raise ValueError(
+            f"{count} {noun} leave none for {', '.join(empty)} with val_fraction={val_fraction}, "
+            f"test_fraction={test_fraction}: make more {noun}."
+        )
+    return splits

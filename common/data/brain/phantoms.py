@@ -63,7 +63,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from common.data.splits import split_subjects
+from common.data.splits import split_generated_subjects
 from common.io.atomic import atomic_path, write_json
 
 __all__ = [
@@ -752,13 +752,7 @@ def write_phantom_dataset(
     if num_subjects < 1:
         raise ValueError(f"num_subjects must be >= 1, got {num_subjects}")
     output_dir = Path(output_dir)
-    splits = split_subjects(range(num_subjects), val_fraction, test_fraction, seed)
-    wanted = {"training": 1.0, "validation": val_fraction, "test": test_fraction}
-    if empty := [name for name, ids in splits.items() if not ids and wanted[name] > 0]:
-        raise ValueError(
-            f"{num_subjects} subjects leave none for {', '.join(empty)} with val_fraction={val_fraction}, "
-            f"test_fraction={test_fraction}: make more subjects."
-        )
+    splits = split_generated_subjects(num_subjects, val_fraction, test_fraction, seed, noun="subjects")
     split_of = {i: name for name, ids in splits.items() for i in ids}
     generator = BrainPhantomGenerator(geometry, seed=seed)
     image_dir = output_dir / "images"

@@ -83,7 +83,7 @@ from common.data.cxr.anatomy import (
     vessel_tree,
 )
 from common.data.cxr.datalist import SPLITS
-from common.data.splits import split_subjects
+from common.data.splits import split_generated_subjects
 from common.io.atomic import atomic_path, write_json
 
 __all__ = [
@@ -1034,13 +1034,7 @@ def write_cxr_phantom_dataset(
             f"studies_per_patient must be in [1, {MAX_STUDIES_PER_PATIENT + 1}], got {studies_per_patient}"
         )
     generator = CXRPhantomGenerator(size, seed=seed, prevalence=prevalence)
-    splits = split_subjects(range(num_patients), val_fraction, test_fraction, seed)
-    wanted = {"training": 1.0, "validation": val_fraction, "test": test_fraction}
-    if empty := [name for name, ids in splits.items() if not ids and wanted[name] > 0]:
-        raise ValueError(
-            f"{num_patients} patients leave none for {', '.join(empty)} with val_fraction={val_fraction}, "
-            f"test_fraction={test_fraction}: make more patients."
-        )
+    splits = split_generated_subjects(num_patients, val_fraction, test_fraction, seed, noun="patients")
     split_of = {index: name for name, ids in splits.items() for index in ids}
 
     output_dir = Path(output_dir)

@@ -38,3 +38,12 @@ def test_phantoms_use_the_same_split(tmp_path):
     expected = split_subjects(range(5), 0.1, 0.1, seed=4)
     for split, indices in expected.items():
         assert sorted({item["subject"] for item in datalist[split]}) == [f"sub-{i:04d}" for i in indices]
+
+
+def test_generated_subjects_must_fill_every_split_asked_for():
+    from common.data.splits import split_generated_subjects
+
+    assert split_generated_subjects(10, 0.1, 0.1, seed=0) == split_subjects(range(10), 0.1, 0.1, seed=0)
+    with pytest.raises(ValueError, match="2 patients leave none for validation.*make more patients"):
+        split_generated_subjects(2, 0.1, 0.1, seed=0, noun="patients")
+    assert split_generated_subjects(2, 0.0, 0.1, seed=0)["validation"] == []  # not asked for: fine
