@@ -227,13 +227,13 @@ def describe_schema(schema: Mapping[str, Any]) -> str:
         size = f"{count[0]}" if count[0] == count[1] else f"{count[0]} to {count[1]}"
         return f"a list of {size} values, each {items}" if count[0] is not None else f"a list of {items}"
     if kind == "string":
+        if schema.get("format") in _FORMAT_WORDS:
+            return _FORMAT_WORDS[schema["format"]]
         parts = ["text"]
         if schema.get("pattern"):
             parts.append(f"matching {schema['pattern']}")
         if "maxLength" in schema:
             parts.append(f"of at most {schema['maxLength']} characters")
-        if schema.get("format") in _FORMAT_WORDS:
-            return _FORMAT_WORDS[schema["format"]]
         return " ".join(parts)
     noun = {"integer": "an integer", "number": "a finite number"}.get(kind, "a value")
     bounds = []
