@@ -72,6 +72,10 @@ STANDARD_OPTIONS: dict[str, dict[str, Any]] = {
         "help": "torch device, e.g. cpu or cuda:0",
     },
     "amp": {"schema": _BOOL, "help": "mixed precision (CUDA only)"},
+    "num_threads": {
+        "schema": _OPTIONAL_POSITIVE_INT,
+        "help": "CPU threads (None: one per core; 1 is faster on a small machine busy with other work)",
+    },
     "precision": {
         "schema": {"enum": ["fp32", "bf16"]},
         "help": "precision of the network calls while sampling (bf16: autocast, faster where the device has bf16)",
