@@ -25,11 +25,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PIP) install --quiet --no-deps -e .
 	touch $@
 
+# The same request gives the same bytes, so a rerun replaces the demo outputs (--overwrite True).
 demo: setup
 	cd bundles/brain_t1_ldm && ../../$(PY) -m monai.bundle run --config_file configs/inference.json \
-		--output_dir ../../$(DEMO_OUT)/brain_t1_ldm --num_samples 4 --seed 0
+		--output_dir ../../$(DEMO_OUT)/brain_t1_ldm --num_samples 4 --seed 0 --overwrite True
 	cd bundles/flair_to_t1_controlnet && ../../$(PY) -m monai.bundle run --config_file configs/inference.json \
-		--output_dir ../../$(DEMO_OUT)/flair_to_t1_controlnet --seed 0
+		--output_dir ../../$(DEMO_OUT)/flair_to_t1_controlnet --seed 0 --overwrite True
 	@echo "Images, NIfTI volumes and JSON sidecars are in $(DEMO_OUT)/brain_t1_ldm and $(DEMO_OUT)/flair_to_t1_controlnet"
 
 test: setup
