@@ -7,7 +7,9 @@ Validation R^2 per target is reported after every epoch and the best epoch (high
 
 Output (written atomically, loadable with ``common.io.weights.load_weights``)::
 
-    {"feature_network": state_dict, "network_config": {"channels": [...], "depths": [...], "num_targets": K},
+    {"feature_network": state_dict, "architectures": {"feature_network": {"network": "PhantomFeatureNet", ...}},
+     "provenance": {"demo": true, ...},
+     "network_config": {"channels": [...], "depths": [...], "num_targets": K},
      "targets": [...], "target_mean": [...], "target_std": [...], "validation_r2": {target: R^2},
      "epoch": best epoch, "seed": seed, "image_size": [H, W]}
 
@@ -34,6 +36,8 @@ from tqdm import tqdm
 from common.data.brain.phantoms import FEATURE_TARGETS
 from common.data.datalists import load_datalist
 from common.io.atomic import atomic_path
+from common.io.provenance import PROVENANCE_KEY
+from common.networks.architecture import ARCHITECTURES_KEY, architecture_records, build_network
 from common.networks.feature_extractors import PhantomFeatureNet
 
 DEFAULT_OUTPUT = "bundles/brain_t1_ldm/models/feature_network.pt"
@@ -125,7 +129,9 @@ def train_feature_network(
 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    network = PhantomFeatureNet(channels=channels, depths=depths, num_targets=len(targets))
+    network = build_network(
+        "PhantomFeatureNet", channels=list(channels), depths=list(depths), num_targets=len(targets)
+    )  # same construction, and so the same seeded initial weights, as PhantomFeatureNet(...)
     steps_per_epoch = -(-len(train_x) // batch_size)
     optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -176,6 +182,8 @@ def train_feature_network(
     validation_r2 = {t: round(float(v), 4) for t, v in zip(targets, best["r2"], strict=True)}
     checkpoint = {
         "feature_network": best["state"],
+        ARCHITECTURES_KEY: architecture_records({"feature_network": network}),
+        PROVENANCE_KEY: {"demo": True, "trained_on": f"phantoms ({dataset_dir}); not for research"},
         "network_config": {
             "channels": [int(c) for c in channels],
             "depths": [int(d) for d in depths],

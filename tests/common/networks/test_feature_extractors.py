@@ -165,6 +165,11 @@ def test_train_tool_writes_weights_only_checkpoint(tmp_path):
     assert state["targets"] == list(FEATURE_TARGETS) and len(state["target_mean"]) == len(FEATURE_TARGETS)
     features = build_feature_extractor("phantom", str(out))(torch.rand(2, 1, 32, 48))
     assert features.shape == (2, 8)
+    # the file records its architecture (rebuilt by the allow-listed loader) and says it is demo weights
+    from common.networks.architecture import load_network
+
+    assert isinstance(load_network(out, "feature_network"), PhantomFeatureNet)
+    assert state["provenance"]["demo"] is True
 
 
 @pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="shipped feature network not trained yet")
