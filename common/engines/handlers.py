@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,7 @@ class WeightsExporter:
         install = Path(self.install_path)
         replaced = f"replaced {install} (sha256 {sha256sum(install)[:12]})" if install.is_file() else f"wrote {install}"
         with atomic_path(install) as tmp:
-            torch.save(state, tmp)
+            shutil.copyfile(self.path, tmp)  # the file just written, byte for byte, not a second serialisation
         logger.warning("Exported %s to %s and installed them (--install_weights True): %s.", names, self.path, replaced)
 
 
