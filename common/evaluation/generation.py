@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.engines import SupervisedEvaluator
@@ -14,6 +14,9 @@ from common.evaluation.publishing import BundleDocs, weights_note
 from common.metrics.fid import frechet_distance
 from common.metrics.ms_ssim import pairwise_ms_ssim
 from common.networks.text_encoder import CLIPPromptEncoder
+
+if TYPE_CHECKING:  # adherence imports generate_images from here
+    from common.evaluation.adherence import ConditionAdherence
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ class LatentDiffusionEvaluation:
         provenance: what produced the figures (command, weight hashes, demo or not), recorded with them
             (``common.evaluation.publishing.run_provenance``).
         publish_to: where the figures are published when asked (``BundleDocs``); ``None`` only logs them.
+        adherence: condition adherence of prompted samples (``common.evaluation.adherence.ConditionAdherence``),
+            or ``None`` for a model without findings to adhere to.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class LatentDiffusionEvaluation:
         device: torch.device | str = "cpu",
         provenance: Mapping[str, Any] | None = None,
         publish_to: BundleDocs | None = None,
+        adherence: ConditionAdherence | None = None,
     ) -> None:
         self.reconstruction_evaluator = reconstruction_evaluator
         self.sampler = sampler
@@ -100,6 +106,7 @@ class LatentDiffusionEvaluation:
         self.device = device
         self.provenance = dict(provenance or {})
         self.publish_to = publish_to
+        self.adherence = adherence
 
     def run(self) -> dict[str, Any]:
         self.reconstruction_evaluator.run()
@@ -131,6 +138,13 @@ class LatentDiffusionEvaluation:
         }
         if recon_psnr is not None:
             metrics["reconstruction_psnr_test"] = round(float(recon_psnr), 4)
+        adherence = None
+        if self.adherence is not None:
+            logger.info("Generating %d prompted samples for condition adherence", self.adherence.num_images)
+            adherence = self.adherence(self.network, self.prompt_encoder, self.latent_shape, self.device)
+            for finding, auroc in adherence["auroc"].items():
+                metrics[f"adherence_auroc_{finding}"] = auroc
+            metrics["adherence_auroc_mean"] = adherence["mean_auroc"]
         results = {
             "metrics": metrics,
             "std": {
@@ -147,6 +161,8 @@ class LatentDiffusionEvaluation:
             "command": self.provenance.get("command", ""),
             "provenance": self.provenance,
         }
+        if adherence is not None:
+            results["condition_adherence"] = adherence
         logger.info("Evaluation: %s", metrics)
         if self.publish_to is not None:
             self.publish_to.publish(results, metrics, results_table(results))
@@ -174,6 +190,21 @@ def results_table(results: Mapping[str, Any]) -> str:
         f"Sampling: {results['scheduler'].upper()} {results['num_inference_steps']} steps, "
         f"guidance {results['guidance_scale']} (unconditional)."
     )
+    if adherence := results.get("condition_adherence"):
+        rows += [
+            f"| condition adherence AUROC, {finding.replace('_', ' ')} | {_number(auroc)} |"
+            for finding, auroc in adherence["auroc"].items()
+        ]
+        rows.append(f"| condition adherence AUROC, mean | {_number(adherence['mean_auroc'])} |")
+        sampling += (
+            f" Condition adherence: {adherence['samples_per_prompt']} samples per prompt that states or negates each "
+            f"finding, {adherence['scheduler'].upper()} {adherence['num_inference_steps']} steps, guidance "
+            f"{adherence['guidance_scale']}, scored by the phantom finding classifier."
+        )
     if note := weights_note(results.get("provenance", {})):
         sampling += f"\n\n{note}"
     return "\n".join(rows) + f"\n\n{sampling}\n\nProduced by:\n\n```bash\n{results['command']}\n```\n"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

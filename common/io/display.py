@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 #: ``"array"``: rows and columns as stored. ``"ras_axial"``: an axial slice stored (x, y) in RAS+ order
-#: (NIfTI / MNI convention) shown with anterior up: transpose, then flip the rows.
-DISPLAY_ORIENTATIONS = ("array", "ras_axial")
+#: (NIfTI / MNI convention) shown with anterior up: transpose, then flip the rows. ``"xy"``: a 2D image stored
+#: (x, y), as MONAI's PIL reader loads PNG and JPEG files (and its PIL writer saves them): transpose only.
+DISPLAY_ORIENTATIONS = ("array", "ras_axial", "xy")
 
 
 def check_orientation(orientation: str) -> str:
@@ -20,6 +21,8 @@ def to_display(image: np.ndarray | torch.Tensor, orientation: str) -> np.ndarray
     """``image`` ``(..., H, W)`` turned for display (same type; a tensor stays a tensor)."""
     if check_orientation(orientation) == "array":
         return image
+    if orientation == "xy":
+        return image.transpose(-1, -2) if isinstance(image, torch.Tensor) else np.swapaxes(image, -1, -2)
     if isinstance(image, torch.Tensor):
         return image.transpose(-1, -2).flip(-2)
     return np.flip(np.swapaxes(image, -1, -2), -2)

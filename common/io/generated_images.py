@@ -15,6 +15,11 @@ from monai.transforms import MapTransform
 from common.io.atomic import atomic_path, check_output_dir, write_json
 from common.io.output_names import check_new_files, settings_digest
 
+#: Output formats and the file-name ending of each: NIfTI (float32, with spacing), 8-bit PNG, 16-bit PNG.
+FORMAT_SUFFIXES: dict[str, str] = {"nii.gz": ".nii.gz", "png": ".png", "png16": "_16bit.png"}
+#: PNG formats: output dtype and the value that 1.0 maps to.
+PNG_DEPTHS: dict[str, tuple[type, int]] = {"png": (np.uint8, 255), "png16": (np.uint16, 65535)}
+
 
 def slugify(text: str, max_len: int = 80) -> str:
     """A file-name-safe short form of a prompt: ``"T1-weighted image."`` -> ``"t1-weighted_image"``."""
@@ -69,9 +74,11 @@ class GeneratedImageWriterd(MapTransform):
         self.image_key = image_key
         self.request_keys = tuple(request_keys)
         self.name_key = name_key
-        unknown = set(formats) - {"nii.gz", "png"}
-        if unknown:
-            raise ValueError(f"Unknown output formats {sorted(unknown)}: use 'nii.gz' and/or 'png'.")
+        unknown = set(formats) - set(FORMAT_SUFFIXES)
+        if unknown or not formats:
+            raise ValueError(
+                f"Unknown output formats {sorted(unknown)}: use one or more of {', '.join(FORMAT_SUFFIXES)}."
+            )
         self.formats = tuple(formats)
         self.overwrite = bool(overwrite)
         check_new_files((p for request in requests for p in self.paths(request)), self.overwrite)
@@ -90,7 +97,9 @@ class GeneratedImageWriterd(MapTransform):
     def paths(self, data: Mapping[Hashable, Any]) -> list[Path]:
         """The files written for one request: one per format, and the sidecar."""
         stem = self.stem(data)
-        return [self.output_dir / f"{stem}.{ext}" for ext in (*self.formats, "json")]
+        return [self.output_dir / f"{stem}{FORMAT_SUFFIXES[f]}" for f in self.formats] + [
+            self.output_dir / f"{stem}.json"
+        ]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -116,9 +125,11 @@ class GeneratedImageWriterd(MapTransform):
             with atomic_path(path) as tmp:
                 writer.write(str(tmp), verbose=False)
             written.append(path.name)
-        if "png" in self.formats:
-            path = self.output_dir / f"{stem}.png"
-            writer = PILWriter(output_dtype=np.uint8, scale=255)
+        for fmt, (dtype, scale) in PNG_DEPTHS.items():
+            if fmt not in self.formats:
+                continue
+            path = self.output_dir / f"{stem}{FORMAT_SUFFIXES[fmt]}"
+            writer = PILWriter(output_dtype=dtype, scale=scale)
             writer.set_data_array(array, channel_dim=0, squeeze_end_dims=True)
             writer.set_metadata({"spatial_shape": array.shape[1:]})
             with atomic_path(path) as tmp:

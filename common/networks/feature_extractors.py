@@ -26,7 +26,7 @@ from torch import nn
 from common.io.weights import load_weights
 
 #: Names accepted by :func:`build_feature_extractor`.
-FEATURE_EXTRACTOR_KINDS = ("phantom", "radimagenet_resnet50")
+FEATURE_EXTRACTOR_KINDS = ("phantom", "radimagenet_resnet50", "xrv_densenet121")
 
 
 PHANTOM_HOW_TO_GET = (
@@ -267,7 +267,9 @@ def build_feature_extractor(
     Args:
         kind: ``"phantom"`` (``weights_path``: a checkpoint of ``tools/train_feature_network.py``, ``D = 64``) or
             ``"radimagenet_resnet50"`` (``weights_path``: a local torch.hub directory, see
-            :func:`load_radimagenet_resnet50`; ``None`` means ``torch.hub.get_dir()``; ``D = 2048``).
+            :func:`load_radimagenet_resnet50`; ``None`` means ``torch.hub.get_dir()``; ``D = 2048``) or
+            ``"xrv_densenet121"`` (chest X-rays: torchxrayvision's ``densenet121-res224-all`` weights file, see
+            :mod:`common.networks.xrv_features`; ``D = 1024``).
         weights_path: where the weights are; never downloaded.
         device: where the network runs; the features come back on the CPU.
         batch_size: images per forward pass.
@@ -282,6 +284,12 @@ def build_feature_extractor(
             raise ValueError(f"The 'phantom' feature extractor needs weights_path. {how_to_get}")
         network, _ = load_phantom_feature_net(weights_path, how_to_get)
         extractor = phantom_feature_extractor(network, batch_size=batch_size)
+    elif kind == "xrv_densenet121":
+        from common.networks.xrv_features import XRV_HOW_TO_GET, xrv_feature_extractor  # it imports this module
+
+        if weights_path is None:
+            raise ValueError(f"The 'xrv_densenet121' feature extractor needs weights_path. {XRV_HOW_TO_GET}")
+        extractor = xrv_feature_extractor(weights_path, batch_size=batch_size)
     elif kind == "radimagenet_resnet50":
         network = load_radimagenet_resnet50(weights_path)
         extractor = FeatureExtractor(

@@ -203,3 +203,20 @@ def test_no_temporary_files_left_behind(tmp_path):
     everything = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*"))
     assert all(not name.startswith(".") and "/" not in name for name in everything)
     assert len(everything) == 6
+
+
+def test_16bit_png_keeps_what_8_bits_round_away(tmp_path):
+    image = torch.linspace(0, 1, H * W).reshape(1, H, W)
+    out = _writer(tmp_path, formats=("png", "png16"))(_request(image))
+    png8, png16 = (Image.open(p) for p in out["output_files"])
+    assert out["output_files"][1].endswith("_16bit.png")
+    assert (png8.mode, png16.mode) == ("L", "I;16")
+    deep = np.asarray(png16).T.astype(float) / 65535
+    assert np.abs(deep - image[0].numpy()).max() <= 1 / 65535 + 1e-6
+    assert np.abs(np.asarray(png8).T / 255 - image[0].numpy()).max() > 1e-3  # 8 bits lose precision
+
+
+@pytest.mark.parametrize("formats", [("tiff",), ()])
+def test_unknown_or_no_format_is_refused(tmp_path, formats):
+    with pytest.raises(ValueError, match="png16"):
+        _writer(tmp_path, formats=formats)
