@@ -55,4 +55,8 @@ class SchedulerSettings:
         kinds = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
         if kind not in kinds:
             raise ValueError(f"Unknown scheduler '{kind}': choose one of {sorted(kinds)}.")
-        return kinds[kind](clip_sample=False, **self.values)
+        values = dict(self.values)
+        if values["schedule"] == "cosine":  # MONAI's cosine schedule takes no beta range
+            values.pop("beta_start")
+            values.pop("beta_end")
+        return kinds[kind](clip_sample=False, **values)

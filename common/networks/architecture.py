@@ -26,6 +26,7 @@ from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, P
 
 from common.io.weights import load_weights
 from common.networks.feature_extractors import PhantomFeatureNet
+from common.networks.prior import DiffusionPrior
 from common.networks.text_encoder import build_clip_text_model
 
 #: Record key of the architectures inside an exported weight file.
@@ -39,6 +40,7 @@ NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {
     "PatchDiscriminator": PatchDiscriminator,
     "CLIPTextModel": build_clip_text_model,
     "PhantomFeatureNet": PhantomFeatureNet,
+    "DiffusionPrior": DiffusionPrior,
 }
 
 

@@ -67,3 +67,10 @@ def test_state_dict_is_a_copy():
     state["num_train_timesteps"] = 1
     assert settings.values["num_train_timesteps"] == 1000
     assert math.isclose(settings.values["beta_end"], 0.0205)
+
+
+def test_cosine_schedule_builds_without_a_beta_range():
+    from common.diffusion.schedules import SchedulerSettings
+
+    scheduler = SchedulerSettings(schedule="cosine", prediction_type="sample").build("ddpm")
+    assert scheduler.prediction_type == "sample" and scheduler.betas[0] < scheduler.betas[-1]
