@@ -25,6 +25,7 @@ import torch
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, PatchDiscriminator
 
 from common.io.weights import load_weights
+from common.networks.clip_model import build_small_clip
 from common.networks.feature_extractors import PhantomFeatureNet
 from common.networks.prior import DiffusionPrior
 from common.networks.text_encoder import build_clip_text_model
@@ -41,6 +42,7 @@ NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {
     "CLIPTextModel": build_clip_text_model,
     "PhantomFeatureNet": PhantomFeatureNet,
     "DiffusionPrior": DiffusionPrior,
+    "CLIPModel": build_small_clip,
 }
 
 
