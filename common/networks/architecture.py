@@ -26,6 +26,7 @@ from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, P
 
 from common.io.weights import load_weights
 from common.networks.clip_model import build_small_clip
+from common.networks.embedding_context import build_embedding_conditioned_unet
 from common.networks.feature_extractors import PhantomFeatureNet
 from common.networks.prior import DiffusionPrior
 from common.networks.text_encoder import build_clip_text_model
@@ -43,6 +44,7 @@ NETWORKS: dict[str, Callable[..., torch.nn.Module]] = {
     "PhantomFeatureNet": PhantomFeatureNet,
     "DiffusionPrior": DiffusionPrior,
     "CLIPModel": build_small_clip,
+    "EmbeddingConditionedUNet": build_embedding_conditioned_unet,
 }
 
 
