@@ -16,7 +16,14 @@ from common.data.brain.phantoms import PhantomGeometry, write_phantom_dataset
 from common.io.weights import load_weights
 from tests.helpers import REPO_ROOT
 from tests.helpers.bundle_copy import copy_bundle
-from tests.helpers.bundle_runs import bundle_env, error_text, kill_at_checkpoint, snapshot
+from tests.helpers.bundle_runs import (
+    bundle_env,
+    error_text,
+    kill_at_checkpoint,
+    scratch_model_dir,
+    snapshot,
+    train_tiny_latent_diffusion,
+)
 from tests.helpers.bundle_runs import workflow as bundle_workflow
 
 pytestmark = pytest.mark.bundle
@@ -59,50 +66,13 @@ def phantoms(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A scratch models/ folder with the shipped tokenizer and text encoder, so training never touches the bundle."""
-    out = tmp_path_factory.mktemp("models")
-    shutil.copytree(SHIPPED / "tokenizer", out / "tokenizer")
-    shutil.copy(SHIPPED / "text_encoder.pt", out / "text_encoder.pt")
-    return out
+    return scratch_model_dir(SHIPPED, tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
 def trained(phantoms, model_dir, tmp_path_factory) -> Path:
-    """Autoencoder then diffusion, one tiny epoch each, through the shipped train configs."""
-    runs = tmp_path_factory.mktemp("runs")
-    ae = workflow(
-        "train_autoencoder.json",
-        "train",
-        dataset_dir=str(phantoms),
-        model_dir=str(model_dir),
-        run_dir=str(runs / "ae"),
-        install_weights=True,
-        **TINY_AE,
-    )
-    assert ae.check_properties() in (None, [])
-    ae.run()
-    ae.finalize()
-    assert (model_dir / "autoencoder.pt").is_file()
-    ldm = workflow(
-        ["train_autoencoder.json", "train_diffusion.json"],
-        "train",
-        dataset_dir=str(phantoms),
-        model_dir=str(model_dir),
-        run_dir=str(runs / "ldm"),
-        install_weights=True,
-        **TINY_LDM,
-    )
-    assert ldm.check_properties() in (None, [])
-    ldm.run()
-    ldm.finalize()
-    weights = load_weights(model_dir / "diffusion_model.pt")
-    assert (runs / "ldm" / "diffusion_model.pt").read_bytes() == (model_dir / "diffusion_model.pt").read_bytes()
-    assert set(weights) == {"unet", "latent", "scheduler", "architectures", "provenance", "depends_on"}
-    assert set(weights["depends_on"]) == {"autoencoder", "text_encoder"}
-    assert weights["architectures"]["unet"]["network"] == "DiffusionModelUNet"
-    assert weights["provenance"]["demo"] is False  # only weights trained for the demo say so
-    assert weights["latent"]["scale_factor"] > 0
-    assert weights["scheduler"]["prediction_type"] == "v_prediction"
+    """Autoencoder then diffusion, one tiny epoch each, through the shipped train configs, installed in model_dir."""
+    train_tiny_latent_diffusion(BUNDLE, phantoms, model_dir, tmp_path_factory.mktemp("runs"), TINY_AE, TINY_LDM)
     return model_dir
 
 

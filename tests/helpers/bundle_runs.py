@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from monai.bundle import ConfigWorkflow
 
+from common.io.weights import load_weights
 from tests.helpers import REPO_ROOT
 
 
@@ -37,6 +40,39 @@ def workflow(bundle: Path, config: str | Sequence[str], workflow_type: str, **ov
     return wf
 
 
+def scratch_model_dir(shipped: Path, out: Path) -> Path:
+    """``out`` with a copy of the shipped tokenizer and text encoder, so that training never touches the bundle."""
+    shutil.copytree(shipped / "tokenizer", out / "tokenizer")
+    shutil.copy(shipped / "text_encoder.pt", out / "text_encoder.pt")
+    return out
+
+
+def train_tiny_latent_diffusion(
+    bundle: Path, dataset_dir: Path, model_dir: Path, runs: Path, ae: dict, ldm: dict
+) -> dict:
+    """Autoencoder, then diffusion, through ``bundle``'s shipped train configs, installed in ``model_dir``.
+
+    Checks what every latent-diffusion bundle's training must give and returns the diffusion weights.
+    """
+    common = {"dataset_dir": str(dataset_dir), "model_dir": str(model_dir), "install_weights": True}
+    stages = (("train_autoencoder.json",), ("train_autoencoder.json", "train_diffusion.json"))
+    for configs, run_dir, overrides in zip(stages, ("ae", "ldm"), (ae, ldm), strict=True):
+        run = workflow(bundle, list(configs), "train", run_dir=str(runs / run_dir), **common, **overrides)
+        assert run.check_properties() in (None, [])
+        run.run()
+        run.finalize()
+    assert (model_dir / "autoencoder.pt").is_file()
+    assert (runs / "ldm" / "diffusion_model.pt").read_bytes() == (model_dir / "diffusion_model.pt").read_bytes()
+    weights = load_weights(model_dir / "diffusion_model.pt")
+    assert set(weights) == {"unet", "latent", "scheduler", "architectures", "provenance", "depends_on"}
+    assert set(weights["depends_on"]) == {"autoencoder", "text_encoder"}
+    assert weights["architectures"]["unet"]["network"] == "DiffusionModelUNet"
+    assert weights["provenance"]["demo"] is False  # only weights trained for the demo say so
+    assert weights["latent"]["scale_factor"] > 0
+    assert weights["scheduler"]["prediction_type"] == "v_prediction"
+    return weights
+
+
 def error_chain(err: BaseException | None) -> Iterator[BaseException]:
     """The error and every error it was raised from (MONAI wraps config errors)."""
     while err is not None:
@@ -54,13 +90,17 @@ def snapshot(folder: Path) -> dict[Path, bytes]:
 
 
 def kill_at_checkpoint(args: Sequence[str], checkpoint: Path, timeout: float = 240) -> None:
-    """Start a training command and kill it (SIGKILL, as a crash or a lost node would) once ``checkpoint`` exists."""
+    """Start a training command and kill it (SIGKILL, as a crash or a lost node would) once ``checkpoint`` is written.
+
+    "Written" means a complete archive: killed while the file is still being saved, the run would have nothing to
+    resume from (a truncated checkpoint is skipped), which is a different test.
+    """
     proc = subprocess.Popen(
         list(args), cwd=REPO_ROOT, env=bundle_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + timeout
     try:
-        while not checkpoint.exists():
+        while not (checkpoint.exists() and zipfile.is_zipfile(checkpoint)):
             assert proc.poll() is None, "training ended before it could be interrupted"
             assert time.time() < deadline, "no checkpoint within the time limit"
             time.sleep(0.2)
