@@ -175,7 +175,7 @@ def results_table(results: Mapping[str, Any]) -> str:
     rows = [
         "| metric | value |",
         "|---|---|",
-        f"| autoencoder reconstruction MS-SSIM (test, {results['num_real_test_images']} slices) | {m['reconstruction_ms_ssim_test']:.4f} |",
+        f"| autoencoder reconstruction MS-SSIM (test, {results['num_real_test_images']} images) | {m['reconstruction_ms_ssim_test']:.4f} |",
         *(
             [f"| autoencoder reconstruction PSNR (test, dB, max 1.0) | {m['reconstruction_psnr_test']:.2f} |"]
             if "reconstruction_psnr_test" in m
@@ -183,7 +183,7 @@ def results_table(results: Mapping[str, Any]) -> str:
         ),
         f"| sample diversity MS-SSIM ({results['num_generated_samples']} unconditional samples) | "
         f"{m['sample_diversity_ms_ssim']:.4f} ± {s['sample_diversity_ms_ssim']:.4f} |",
-        f"| real diversity MS-SSIM (test slices) | {m['real_diversity_ms_ssim_test']:.4f} ± {s['real_diversity_ms_ssim_test']:.4f} |",
+        f"| real diversity MS-SSIM (test images) | {m['real_diversity_ms_ssim_test']:.4f} ± {s['real_diversity_ms_ssim_test']:.4f} |",
         f"| FID ({results['fid_features']}) | {m['fid']:.4f} |",
     ]
     sampling = (

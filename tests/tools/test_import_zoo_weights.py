@@ -35,11 +35,11 @@ def run(
     cli([*sources, "--output_dir", str(output_dir), *tiny_args(unet_args), *extra])
 
 
-def write_text_encoder(path: Path, hidden_size: int = 12) -> torch.nn.Module:
+def write_text_encoder(path: Path, hidden_size: int = 12, vocab_size: int = 64) -> torch.nn.Module:
     """A tiny text encoder file in this project's format; ``hidden_size`` 12 fits the fixture UNet's context."""
     torch.manual_seed(0)
     network = build_network(
-        "CLIPTextModel", hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+        "CLIPTextModel", hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2, vocab_size=vocab_size
     )
     torch.save(
         {"text_encoder": network.state_dict(), "architectures": {"text_encoder": network.architecture.to_dict()}}, path
@@ -145,3 +145,37 @@ def test_a_text_encoder_of_another_width_is_refused(tmp_path):
     write_text_encoder(tmp_path / "text_encoder.pt", hidden_size=8)
     with pytest.raises(ConversionError, match="8-wide embeddings"):
         run(tmp_path / "out", "--text_encoder", str(tmp_path / "text_encoder.pt"))
+
+
+def test_converted_weights_run_through_the_bundles_full_size_inference(tmp_path):
+    """The conversion's purpose: cxr_ldm's inference.json + full_size.json samples from the converted files."""
+    from tests.helpers.bundle_runs import workflow
+
+    write_text_encoder(tmp_path / "text_encoder.pt", hidden_size=12, vocab_size=49408)  # the real tokenizer's ids
+    run(tmp_path / "full_size", "--text_encoder", str(tmp_path / "text_encoder.pt"))
+    bundle = REPO_ROOT / "bundles" / "cxr_ldm"
+    out = tmp_path / "generated"
+    inference = workflow(
+        bundle,
+        ["inference.json", "full_size.json"],
+        "infer",
+        autoencoder_path=str(tmp_path / "full_size" / "autoencoder.pt"),
+        diffusion_path=str(tmp_path / "full_size" / "diffusion_model.pt"),
+        text_encoder=None,
+        text_encoder_path=str(tmp_path / "text_encoder.pt"),
+        text_hidden_layer=-1,
+        image_size=[32, 32],
+        num_samples=1,
+        num_inference_steps=3,
+        output_dir=str(out),
+        progress=False,
+    )
+    inference.initialize()
+    assert inference.parser.get_parsed_content("guidance_scale") == 7.0  # the article's, from full_size.json
+    assert inference.parser.get_parsed_content("latent_space").scale_factor == CXR_SCALE_FACTOR
+    inference.run()
+    inference.finalize()
+    (sidecar,) = out.glob("*.json")
+    record = json.loads(sidecar.read_text())
+    assert record["guidance_scale"] == 7.0 and record["prompt"] == "Large left pleural effusion."
+    assert {Path(name).suffix for name in record["files"]} == {".gz", ".png"}
