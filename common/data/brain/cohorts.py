@@ -106,7 +106,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -132,13 +131,13 @@ from common.data.brain.mri_preparation import (
     crop_or_pad_xy,
     load_volume,
     minmax_normalise,
+    publish_slices,
     read_header,
     resample_volume,
     select_slices,
     slice_affine,
 )
 from common.data.splits import split_subjects
-from common.io.atomic import write_json
 
 __all__ = [
     "COHORTS",
@@ -783,21 +782,6 @@ class CohortPreparationResult(PreparationResult):
     excluded: dict[str, int] = field(default_factory=dict)  # repeat_session / no_demographics / not_healthy -> count
 
 
-def _publish(output_dir: Path, staging: Path, datalist: dict[str, Any]) -> Path:
-    """Swap ``staging`` in as ``images/`` and write ``datalist.json``; an older ``images/`` goes only after both."""
-    images_dir = output_dir / "images"
-    old = None
-    if images_dir.exists():
-        old = output_dir / f".images.old-{uuid.uuid4().hex}"
-        images_dir.rename(old)
-    staging.rename(images_dir)
-    datalist_path = output_dir / "datalist.json"
-    write_json(datalist_path, datalist)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return datalist_path
-
-
 def prepare_brain_cohort(
     cohort: str,
     input_dir: str | os.PathLike,
@@ -903,7 +887,7 @@ def prepare_brain_cohort(
         datalist[split] = [entry for subject in splits[split] for entry in entries[subject]]
     return CohortPreparationResult(
         output_dir=output_dir,
-        datalist_path=_publish(output_dir, staging, datalist),
+        datalist_path=publish_slices(output_dir, staging, datalist),
         splits=splits,
         num_slices_written=sum(len(e) for e in entries.values()),
         skipped=skipped,

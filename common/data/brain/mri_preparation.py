@@ -449,6 +449,21 @@ def _write_slice(path: Path, data: np.ndarray, affine: np.ndarray, header: nib.N
         nib.save(_slice_image(data, affine, header), tmp)
 
 
+def publish_slices(output_dir: Path, staging: Path, datalist: dict[str, Any]) -> Path:
+    """Swap ``staging`` in as ``images/`` and write ``datalist.json``; an older ``images/`` goes only after both."""
+    images_dir = output_dir / "images"
+    old = None
+    if images_dir.exists():
+        old = output_dir / f".images.old-{uuid.uuid4().hex}"
+        images_dir.rename(old)
+    staging.rename(images_dir)
+    datalist_path = output_dir / "datalist.json"
+    write_json(datalist_path, datalist)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return datalist_path
+
+
 def prepare_brain_mri(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -544,12 +559,6 @@ def prepare_brain_mri(
             output_dir.rmdir()
         raise
 
-    images_dir = output_dir / "images"
-    old = None
-    if images_dir.exists():
-        old = output_dir / f".images.old-{uuid.uuid4().hex}"
-        images_dir.rename(old)
-    staging.rename(images_dir)
     datalist: dict[str, Any] = {
         "description": (
             f"{len(subjects)} subjects from {input_dir}: {num_slices} axial slices {slice_step} apart around the "
@@ -578,10 +587,7 @@ def prepare_brain_mri(
     }
     for split in SPLITS:
         datalist[split] = [entry for subject in splits[split] for entry in entries[subject]]
-    datalist_path = output_dir / "datalist.json"
-    write_json(datalist_path, datalist)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    datalist_path = publish_slices(output_dir, staging, datalist)
     return PreparationResult(
         output_dir=output_dir,
         datalist_path=datalist_path,
