@@ -104,8 +104,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -136,6 +134,7 @@ from common.data.brain.mri_preparation import (
     resample_volume,
     select_slices,
     slice_affine,
+    staging_folder,
 )
 from common.data.splits import split_subjects
 
@@ -838,19 +837,11 @@ def prepare_brain_cohort(
     splits = split_subjects([s.subject for s in subjects], val_fraction, test_fraction, seed)
 
     slicing = _Slicing(planes, num_slices, slice_step, slice_center, target_shape, spacing, caption)
-    created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".images.partial-", dir=output_dir))
-    try:
+    with staging_folder(output_dir) as staging:
         entries = {
             s.subject: _subject_entries(s, spec.name, grid, staging, slicing)
             for s in tqdm(subjects, desc=f"Preparing {spec.title}", unit="subject", disable=not progress)
         }
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(output_dir.iterdir()):
-            output_dir.rmdir()
-        raise
 
     datalist: dict[str, Any] = {
         "description": (

@@ -41,7 +41,8 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -449,6 +450,22 @@ def _write_slice(path: Path, data: np.ndarray, affine: np.ndarray, header: nib.N
         nib.save(_slice_image(data, affine, header), tmp)
 
 
+@contextmanager
+def staging_folder(output_dir: Path) -> Iterator[Path]:
+    """A hidden folder in ``output_dir`` (created if needed) for the slices; on failure it goes, with an ``output_dir``
+    this call created, so a failed run leaves nothing behind. :func:`publish_slices` turns it into ``images/``."""
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".images.partial-", dir=output_dir))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
+
+
 def publish_slices(output_dir: Path, staging: Path, datalist: dict[str, Any]) -> Path:
     """Swap ``staging`` in as ``images/`` and write ``datalist.json``; an older ``images/`` goes only after both."""
     images_dir = output_dir / "images"
@@ -515,11 +532,8 @@ def prepare_brain_mri(
     _preflight(subjects, axcodes, num_slices, slice_step, spacing)
     splits = split_subjects([s.subject for s in subjects], val_fraction, test_fraction, seed)
 
-    created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".images.partial-", dir=output_dir))
     entries: dict[str, list[dict[str, Any]]] = {}
-    try:
+    with staging_folder(output_dir) as staging:
         for s in tqdm(subjects, desc="Preparing brain MRI", unit="subject", disable=not progress):
             t1, affine, header = load_volume(s.t1, axcodes)
             if spacing is not None:
@@ -553,11 +567,6 @@ def prepare_brain_mri(
                 )
                 subject_entries.append(entry)
             entries[s.subject] = subject_entries
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(output_dir.iterdir()):
-            output_dir.rmdir()
-        raise
 
     datalist: dict[str, Any] = {
         "description": (
