@@ -174,6 +174,22 @@ STANDARD_OPTIONS: dict[str, dict[str, Any]] = {
         "help": "encode the training images once and draw latents from the cached moments (same distribution, faster)",
     },
     "sample_steps": {"schema": _STEPS, "help": "sampling steps of the TensorBoard sample images"},
+    # contrastive (CLIP) training
+    "clip_path": {
+        "schema": {"anyOf": [{"type": "null"}, {"type": "string", "minLength": 1}]},
+        "help": "local folder or pinned hub id of a pretrained transformers CLIP to fine-tune (null: a small new one)",
+    },
+    "clip_revision": {
+        "schema": {"anyOf": [{"type": "null"}, {"type": "string", "minLength": 1}]},
+        "help": "hub revision (commit) the CLIP is pinned to",
+    },
+    "clip_batch_size": {
+        "schema": {"type": "integer", "minimum": 2},
+        "help": "contrastive batch size (per process; the other items of a batch are the negatives)",
+    },
+    "clip_max_epochs": {"schema": _POSITIVE_INT, "help": "CLIP training epochs"},
+    "clip_learning_rate": {"schema": _RATE, "help": "CLIP learning rate"},
+    "clip_weight_decay": {"schema": _WEIGHT, "help": "CLIP AdamW weight decay"},
     "sample_guidance_scale": {"schema": _GUIDANCE, "help": "guidance of the TensorBoard sample images"},
     # evaluation of generation
     "eval_num_samples": {"schema": {"type": "integer", "minimum": 2}, "help": "samples generated for evaluation"},

@@ -9,12 +9,16 @@ Captions are compared after :func:`normalize_caption` (whitespace collapsed, cas
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import ignite.distributed as idist
 import torch
 import torch.nn.functional as F
+from ignite.metrics import Metric
 
 __all__ = [
+    "RetrievalRecall",
     "chance_recall_at_k",
     "clip_score",
     "normalize_caption",
@@ -120,3 +124,54 @@ def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: float = 1
         raise ValueError(f"Expected two (N, D) embeddings, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}.")
     cosine = F.cosine_similarity(image_emb.float(), text_emb.to(image_emb.device).float(), dim=-1)
     return (scale * cosine.clamp_min(0)).mean().item()
+
+
+class RetrievalRecall(Metric):
+    """Recall@K of :func:`retrieval_recall_at_k` over a whole validation set, as an Ignite metric.
+
+    Each iteration's output, after ``output_transform``, is ``(image_emb (B, D), text_emb (B, D), captions)``;
+    the embeddings and captions of every iteration (and of every process, under ``torch.distributed``) are
+    gathered and ranked together, so the figure does not depend on the batch size.
+
+    Args:
+        k: the cut-off ``K``.
+        direction: ``"text_to_image"`` (each caption queries the images) or ``"image_to_text"``.
+        output_transform: engine output -> ``(image_emb, text_emb, captions)``.
+    """
+
+    def __init__(
+        self,
+        k: int = 5,
+        direction: str = "text_to_image",
+        output_transform: Callable[[Any], Any] = lambda output: output,
+    ) -> None:
+        if direction not in ("text_to_image", "image_to_text"):
+            raise ValueError(f"`direction` must be 'text_to_image' or 'image_to_text', got {direction!r}.")
+        if k < 1:
+            raise ValueError(f"Recall@K needs K >= 1, got {k}.")
+        self.k = k
+        self.direction = direction
+        super().__init__(output_transform=output_transform)
+
+    def reset(self) -> None:
+        self._images: list[torch.Tensor] = []
+        self._texts: list[torch.Tensor] = []
+        self._captions: list[str] = []
+
+    def update(self, output: tuple[torch.Tensor, torch.Tensor, Sequence[str]]) -> None:
+        image_emb, text_emb, captions = output
+        if isinstance(captions, str) or len(captions) != image_emb.shape[0]:
+            raise ValueError(f"Expected one caption per embedding ({image_emb.shape[0]}), got {captions!r:.80}.")
+        self._images.append(image_emb.detach().float().cpu())
+        self._texts.append(text_emb.detach().float().cpu())
+        self._captions.extend(captions)
+
+    def compute(self) -> float:
+        if not self._images:
+            raise RuntimeError("RetrievalRecall needs at least one update before compute.")
+        images, texts, captions = torch.cat(self._images), torch.cat(self._texts), list(self._captions)
+        if idist.get_world_size() > 1:
+            images = idist.all_gather(images.to(idist.device())).cpu()
+            texts = idist.all_gather(texts.to(idist.device())).cpu()
+            captions = [c for part in idist.all_gather(captions) for c in part]
+        return retrieval_recall_at_k(images, texts, (self.k,), captions)[f"{self.direction}_R@{self.k}"]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from torch import nn
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from common.networks.text_encoder import _COMMIT
@@ -38,6 +38,7 @@ __all__ = [
     "ClipImageAdapter",
     "build_small_clip",
     "clip_image_normalization",
+    "clip_text_tower",
     "load_clip",
 ]
 
@@ -122,14 +123,18 @@ def load_clip(path_or_none: str | Path | None, revision: str | None = None, **sm
             pinned with ``revision`` and already be in the local Hugging Face cache; or ``None`` / ``""`` for
             :func:`build_small_clip`.
         revision: the 40-hex commit of a hub id (ignored for a local directory).
-        small_args: arguments of :func:`build_small_clip`, used only when no pretrained CLIP is given.
+        small_args: arguments of :func:`build_small_clip`, used only when no pretrained CLIP is given (the
+            small CLIP then records its architecture, ``common.networks.architecture``, so that its exported
+            weights rebuild it).
 
     Raises:
         ValueError: a hub id without a 40-hex ``revision`` (an unpinned name can change or vanish).
         FileNotFoundError: a pinned hub id that is not in the local cache.
     """
     if not path_or_none:
-        return build_small_clip(**small_args)
+        from common.networks.architecture import build_network  # the registry imports this module
+
+        return build_network("CLIPModel", **small_args)  # records its architecture for the exported weights
     if small_args:
         logger.info("Loading the pretrained CLIP %s: the size arguments %s are not used.", path_or_none, small_args)
     path = Path(path_or_none)
@@ -149,6 +154,48 @@ def load_clip(path_or_none: str | Path | None, revision: str | None = None, **sm
             f"`huggingface-cli download {source} --revision {revision}` on a machine with network access, "
             "or point the CLIP path at a local directory."
         ) from err
+
+
+def clip_text_tower(model: CLIPModel) -> CLIPTextModel:
+    """The text tower of ``model`` (its ``CLIPTextModel``, the same module), with its architecture recorded.
+
+    A text-to-image bundle conditions on this tower's token states (``common.networks.text_encoder``); exported by
+    ``WeightsExporter``, the file rebuilds the tower alone, without the vision tower. Being the same module, the
+    tower seen at export time holds the weights trained up to then.
+
+    Raises:
+        ValueError: the tower uses an activation or layer-norm epsilon that the recorded architecture
+            (``build_clip_text_model``, CLIP's defaults) would not rebuild; save such a model with
+            ``save_pretrained`` and pass its folder as ``text_encoder`` instead.
+    """
+    from common.networks.architecture import NetworkArchitecture  # the registry imports this module
+
+    text = model.config.text_config
+    architecture = NetworkArchitecture(
+        "CLIPTextModel",
+        {
+            "hidden_size": text.hidden_size,
+            "num_hidden_layers": text.num_hidden_layers,
+            "num_attention_heads": text.num_attention_heads,
+            "intermediate_size": text.intermediate_size,
+            "vocab_size": text.vocab_size,
+            "max_position_embeddings": text.max_position_embeddings,
+        },
+    )
+    rebuilt = architecture.build()
+    for key in ("hidden_act", "layer_norm_eps"):
+        if getattr(rebuilt.config, key) != getattr(text, key):
+            raise ValueError(
+                f"The CLIP text tower has {key}={getattr(text, key)!r}, which a recorded CLIPTextModel "
+                f"({getattr(rebuilt.config, key)!r}) cannot rebuild: save it with save_pretrained and load the folder."
+            )
+    if isinstance(model.text_model, CLIPTextModel):  # transformers 5
+        tower = model.text_model
+        tower.architecture = architecture
+    else:  # transformers 4: the CLIPModel holds the bare transformer that CLIPTextModel wraps
+        tower = rebuilt
+        tower.text_model = model.text_model
+    return tower
 
 
 def clip_image_normalization(path_or_none: str | Path | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -41,9 +41,11 @@ __all__ = [
     "PLANE_AXIS",
     "CaptionFacts",
     "CaptionTemplate",
+    "CanonicalCaptiond",
     "RandBrainCaptiond",
     "canonical_caption",
     "caption_attributes",
+    "with_caption_facts",
 ]
 
 #: MNI axis across which each plane is cut; a slice's position is its coordinate along that axis.
@@ -580,3 +582,44 @@ class RandBrainCaptiond(RandomizableTransform, MapTransform):
         for key in self.key_iterator(d):
             d[self.caption_key] = self.caption(d[key])
         return d
+
+
+class CanonicalCaptiond(MapTransform):
+    """The evaluation caption (:func:`canonical_caption`) of the facts under ``keys``, in ``data[caption_key]``.
+
+    Deterministic: validation and evaluation ask for the same caption of a slice every time.
+    """
+
+    def __init__(self, keys: KeysCollection = "facts", caption_key: str = "caption") -> None:
+        super().__init__(keys)
+        self.caption_key = caption_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.caption_key] = canonical_caption(d[key])
+        return d
+
+
+def with_caption_facts(entries: Sequence[Mapping[str, Any]], contrast: str = "T1-weighted") -> list[dict[str, Any]]:
+    """Datalist entries, each with a ``facts`` dict (:meth:`CaptionFacts.to_dict`) that its captions are made of.
+
+    Entries of prepared cohorts (``prepare-brain-cohorts``) carry ``facts`` already: they are checked and kept.
+    Phantom entries (``make-brain-phantoms``) get them from their fields (:meth:`CaptionFacts.from_phantom_entry`,
+    ``contrast`` naming the image). Every entry is checked here, so a bad one fails before training, named.
+    """
+    out = []
+    for index, entry in enumerate(entries):
+        try:
+            if "facts" in entry:
+                facts = CaptionFacts.from_mapping(entry["facts"])
+            else:
+                facts = CaptionFacts.from_phantom_entry(entry, contrast=contrast)
+        except (KeyError, TypeError, ValueError) as err:
+            name = entry.get("image", f"entry {index}")
+            raise ValueError(
+                f"Datalist entry {name} has no usable caption facts: {err}. Entries need a 'facts' dict "
+                "(prepare-brain-cohorts) or the phantom fields (make-brain-phantoms)."
+            ) from err
+        out.append({**entry, "facts": facts.to_dict()})
+    return out

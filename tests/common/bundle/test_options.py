@@ -134,7 +134,7 @@ def test_describe_schema_in_words():
     )
 
 
-@pytest.mark.parametrize("bundle", ["brain_t1_ldm", "flair_to_t1_controlnet", "cxr_ldm"])
+@pytest.mark.parametrize("bundle", ["brain_t1_ldm", "flair_to_t1_controlnet", "cxr_ldm", "brain_unclip"])
 def test_every_knob_of_every_shipped_config_is_declared_and_its_default_valid(bundle):
     configs = BUNDLES / bundle / "configs"
     options = BundleOptions.from_configs_dir(configs)

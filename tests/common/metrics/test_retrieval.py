@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from common.metrics.retrieval import (
+    RetrievalRecall,
     chance_recall_at_k,
     clip_score,
     normalize_caption,
@@ -114,3 +115,42 @@ def test_clip_score():
     assert clip_score(images, texts, scale=2.5) == pytest.approx((2.5 + 1.25 + 0) / 3)
     with pytest.raises(ValueError):
         clip_score(images, texts[:2])
+
+
+def test_retrieval_recall_metric_ranks_the_whole_set_whatever_the_batches():
+    """The Ignite metric gathers every batch and equals Recall@K of the whole set, not a mean of per-batch figures."""
+    generator = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(12, 8, generator=generator), torch.randn(12, 8, generator=generator)
+    texts[:6] = images[:6] + 0.1 * texts[:6]  # half the pairs match
+    captions = [f"caption {i % 10}" for i in range(12)]  # two captions repeat
+    expected = retrieval_recall_at_k(images, texts, (3,), captions)
+    for direction in ("text_to_image", "image_to_text"):
+        figures = set()
+        for batch in (1, 5, 12):
+            metric = RetrievalRecall(k=3, direction=direction)
+            for start in range(0, 12, batch):
+                metric.update(
+                    (images[start : start + batch], texts[start : start + batch], captions[start : start + batch])
+                )
+            figures.add(metric.compute())
+            metric.reset()
+            with pytest.raises(RuntimeError, match="at least one update"):
+                metric.compute()
+        assert figures == {expected[f"{direction}_R@3"]}
+    per_batch_mean = (
+        sum(
+            retrieval_recall_at_k(images[i : i + 4], texts[i : i + 4], (3,), captions[i : i + 4])["text_to_image_R@3"]
+            for i in (0, 4, 8)
+        )
+        / 3
+    )
+    assert per_batch_mean != expected["text_to_image_R@3"], "the check above would not tell the two apart"
+
+
+def test_retrieval_recall_metric_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="direction"):
+        RetrievalRecall(direction="both")
+    with pytest.raises(ValueError, match="K >= 1"):
+        RetrievalRecall(k=0)
+    with pytest.raises(ValueError, match="one caption per embedding"):
+        RetrievalRecall().update((torch.zeros(2, 4), torch.zeros(2, 4), "one caption"))

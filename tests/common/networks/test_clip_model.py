@@ -15,6 +15,7 @@ from common.networks.clip_model import (
     ClipImageAdapter,
     build_small_clip,
     clip_image_normalization,
+    clip_text_tower,
     load_clip,
 )
 from common.networks.tokenizer import tokenize_prompts
@@ -111,6 +112,34 @@ def test_local_directory_round_trip(tmp_path, monkeypatch, tokenizer):
         a, b = ClipEncoder(model.eval(), tokenizer), ClipEncoder(loaded.eval(), tokenizer)
         torch.testing.assert_close(a.encode_images(images), b.encode_images(images))
         torch.testing.assert_close(a.encode_texts(CAPTIONS), b.encode_texts(CAPTIONS))
+
+
+def test_text_tower_is_the_trained_tower_and_its_file_rebuilds_it(tmp_path, tokenizer):
+    """The exported text tower holds the CLIP's weights as trained up to export, and rebuilds from its file alone."""
+    from common.engines.handlers import WeightsExporter
+    from common.networks.text_encoder import CLIPPromptEncoder, load_text_model
+
+    model = build_small_clip(**SMALL, seed=0)
+    tower = clip_text_tower(model)
+    with torch.no_grad():  # a training step changes the CLIP after the tower was taken
+        model.text_model.embeddings.token_embedding.weight.add_(1.0)
+    WeightsExporter(str(tmp_path / "text_encoder.pt"), {"text_encoder": tower}).__call__()
+    loaded = load_text_model(None, None, tmp_path / "text_encoder.pt")
+    assert loaded.config.hidden_size == SMALL["text_width"]
+    assert not any(k.startswith(("vision_model", "visual_projection")) for k in loaded.state_dict())
+    ids, _ = tokenize_prompts(tokenizer, CAPTIONS)
+    with torch.no_grad():
+        expected = model.text_model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, expected)
+        context = CLIPPromptEncoder(str(TOKENIZER_DIR), loaded)(CAPTIONS)
+    assert context.shape == (3, 77, SMALL["text_width"])
+
+
+def test_text_tower_refuses_what_its_record_cannot_rebuild():
+    model = build_small_clip(**SMALL, seed=0)
+    model.config.text_config.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="hidden_act='gelu'.*save_pretrained"):
+        clip_text_tower(model)
 
 
 def test_missing_local_directory_is_not_treated_as_local(tmp_path):

@@ -13,10 +13,12 @@ from monai.utils import set_determinism
 from common.data.brain.captions import (
     CAPTION_TEMPLATES,
     OPTIONAL_ATTRIBUTES,
+    CanonicalCaptiond,
     CaptionFacts,
     RandBrainCaptiond,
     canonical_caption,
     caption_attributes,
+    with_caption_facts,
 )
 from common.data.brain.phantoms import PhantomGeometry, ventricle_size_word, write_phantom_dataset
 
@@ -312,3 +314,22 @@ def test_phantom_entries_give_valid_facts_and_captions(phantom_entries):
     assert canonical_caption(flair).startswith("FLAIR brain MRI, axial slice at z=+14 mm (thalamus), ")
     with pytest.raises(KeyError, match="slice_z_mm"):
         CaptionFacts.from_phantom_entry({"age": 60.0})
+
+
+def test_datalists_get_facts_from_phantom_fields_or_keep_their_own(phantom_entries):
+    """Phantom entries get facts from their fields, cohort entries keep theirs; the canonical caption is theirs."""
+    cohort_entry = {
+        "image": "images/sub-1.nii.gz",
+        "facts": {"plane": "coronal", "position_mm": -17.5, "age": 30, "sex": "F"},
+    }
+    entries = with_caption_facts([*phantom_entries[:2], cohort_entry], contrast="T1-weighted")
+    assert entries[0]["facts"] == CaptionFacts.from_phantom_entry(phantom_entries[0]).to_dict()
+    assert entries[0]["image"] == phantom_entries[0]["image"] and "facts" not in phantom_entries[0], "input untouched"
+    assert entries[2]["facts"]["sex"] == "female" and entries[2]["facts"]["plane"] == "coronal"
+    captioned = [CanonicalCaptiond()(e) for e in entries]
+    assert [c["caption"] for c in captioned] == [canonical_caption(e["facts"]) for e in entries]
+    assert captioned[2]["caption"] == "T1-weighted brain MRI, coronal slice at y=-17.5 mm, 30-year-old female"
+    with pytest.raises(ValueError, match="images/bad.nii.gz has no usable caption facts.*slice_z_mm"):
+        with_caption_facts([{"image": "images/bad.nii.gz", "age": 50}])
+    with pytest.raises(ValueError, match="entry 0 has no usable caption facts.*tissue fractions"):
+        with_caption_facts([{"facts": {"grey_matter": 0.7, "white_matter": 0.7}}])

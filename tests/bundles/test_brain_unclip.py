@@ -1,0 +1,124 @@
+"""End-to-end tests of the brain_unclip bundle configs built so far (stage 1: the CLIP), on tiny brain phantoms.
+
+The networks are trained here, in temporary folders; the bundle's own ``models/`` is only read (tokenizer)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle.properties import TrainProperties
+
+from common.data.brain.phantoms import PhantomGeometry, write_phantom_dataset
+from common.io.weights import load_weights
+from common.networks.architecture import network_from_weights
+from tests.helpers import REPO_ROOT
+from tests.helpers.bundle_runs import bundle_env, kill_at_checkpoint
+from tests.helpers.bundle_runs import workflow as bundle_workflow
+
+pytestmark = pytest.mark.bundle
+
+BUNDLE = REPO_ROOT / "bundles" / "brain_unclip"
+TINY_CLIP = {
+    "clip_batch_size": 4,
+    "num_workers": 0,
+    "train_limit": 8,
+    "val_limit": 4,
+    "val_interval": 1,
+    "clip_image_size": 32,
+    "clip_patch_size": 8,
+    "clip_vision_width": 16,
+    "clip_vision_layers": 1,
+    "text_width": 16,
+    "text_layers": 1,
+    "clip_heads": 2,
+    "clip_projection_dim": 16,
+}
+
+
+def workflow(config, workflow_type, **overrides):
+    return bundle_workflow(BUNDLE, config, workflow_type, **overrides)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("brain_phantoms")
+    geometry = PhantomGeometry.demo(num_slices=4)
+    write_phantom_dataset(out, 4, geometry, seed=0, val_fraction=0.25, test_fraction=0.25, progress=False)
+    return out
+
+
+def test_clip_stage_trains_validates_and_exports_a_rebuildable_clip(phantoms, tmp_path):
+    """train_clip.json: captions from the slices' facts, Recall@K on canonical captions, the CLIP exported."""
+    run = workflow(
+        "train_clip.json",
+        "train",
+        dataset_dir=str(phantoms),
+        run_dir=str(tmp_path / "runs"),
+        clip_weights_path=str(tmp_path / "installed_clip.pt"),
+        install_weights=True,
+        demo_weights=True,
+        clip_max_epochs=2,
+        **TINY_CLIP,
+    )
+    # check_properties() needs configs/metadata.json, which the bundle gets when it ships (with inference.json):
+    # verify-bundles and package-bundles pick up every folder that has one
+    required = [name for name, spec in TrainProperties.items() if spec.get("required")]
+    assert "trainer" in required and all(getattr(run, name) is not None for name in required)
+    # training captions are random phrasings of each slice's facts; validation's are the canonical ones
+    train_data = run.parser.get_parsed_content("train#dataset")
+    captions = {train_data[0]["caption"] for _ in range(8)}
+    assert len(captions) > 1 and all("T1" in c for c in captions), captions
+    val_data = run.parser.get_parsed_content("validate#dataset")
+    assert val_data[0]["caption"].startswith("T1-weighted brain MRI, axial slice at z=")
+    assert val_data[0]["caption"] == val_data[0]["caption"], "validation captions do not change between epochs"
+    run.run()
+    metrics = run.parser.get_parsed_content("validate#evaluator").state.metrics
+    run.finalize()
+    assert set(metrics) == {"val_text_to_image_R@5", "val_text_to_image_R@1", "val_image_to_text_R@5"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+
+    exported = tmp_path / "runs" / "clip.pt"
+    assert exported.read_bytes() == (tmp_path / "installed_clip.pt").read_bytes()
+    weights = load_weights(exported)
+    assert weights["provenance"]["demo"] is True
+    clip = network_from_weights(weights, "clip", exported)
+    checkpoint = torch.load(tmp_path / "runs" / "checkpoint_epoch=2.pt", weights_only=False)["clip"]
+    trained = {k.removeprefix("model."): v for k, v in checkpoint.items() if k.startswith("model.")}
+    assert trained.keys() == clip.state_dict().keys()
+    assert all(torch.equal(trained[k], v) for k, v in clip.state_dict().items()), "the export is the trained CLIP"
+    assert clip.config.projection_dim == 16 and clip.config.vision_config.image_size == 32
+
+
+def test_clip_stage_killed_midway_resumes_from_its_last_checkpoint(phantoms, tmp_path):
+    runs = tmp_path / "runs"
+    args = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "configs" / "train_clip.json"),
+        "--bundle_root", str(BUNDLE), "--dataset_dir", str(phantoms), "--run_dir", str(runs),
+        "--clip_max_epochs", "6", "--num_threads", "1", *[f"--{k}={v}" for k, v in TINY_CLIP.items()],
+    ]  # fmt: skip
+    args[args.index("--val_interval=1")] = "--val_interval=100"
+    kill_at_checkpoint(args, runs / "checkpoint_epoch=1.pt")
+    assert not (runs / "clip.pt").exists(), "nothing is exported by a run that did not complete"
+    resumed = subprocess.run(args, cwd=REPO_ROOT, env=bundle_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    log = resumed.stdout + resumed.stderr
+    assert "Restored all variables from" in log, log[-2000:]
+    assert "Epoch[1] Complete" not in log and "Epoch[6] Complete" in log
+    assert (runs / "clip.pt").is_file()
+
+
+def test_bad_option_is_refused_before_work(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train_clip.json",
+            "--clip_batch_size", "1", "--run_dir", str(tmp_path / "runs"),
+        ],
+        cwd=BUNDLE, env=bundle_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--clip_batch_size" in result.stderr.strip().splitlines()[-1] + result.stdout
+    assert not (tmp_path / "runs").exists()
