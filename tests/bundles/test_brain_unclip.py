@@ -16,27 +16,12 @@ from common.data.brain.phantoms import PhantomGeometry, write_phantom_dataset
 from common.io.weights import load_weights
 from common.networks.architecture import network_from_weights
 from tests.helpers import REPO_ROOT
-from tests.helpers.bundle_runs import bundle_env, kill_at_checkpoint
+from tests.helpers.bundle_runs import TINY_CLIP, bundle_env, kill_at_checkpoint
 from tests.helpers.bundle_runs import workflow as bundle_workflow
 
 pytestmark = pytest.mark.bundle
 
 BUNDLE = REPO_ROOT / "bundles" / "brain_unclip"
-TINY_CLIP = {
-    "clip_batch_size": 4,
-    "num_workers": 0,
-    "train_limit": 8,
-    "val_limit": 4,
-    "val_interval": 1,
-    "clip_image_size": 32,
-    "clip_patch_size": 8,
-    "clip_vision_width": 16,
-    "clip_vision_layers": 1,
-    "text_width": 16,
-    "text_layers": 1,
-    "clip_heads": 2,
-    "clip_projection_dim": 16,
-}
 
 
 def workflow(config, workflow_type, **overrides):

@@ -16,6 +16,23 @@ from monai.bundle import ConfigWorkflow
 from common.io.weights import load_weights
 from tests.helpers import REPO_ROOT
 
+#: Overrides for a tiny CLIP training run (train_text_encoder.json of cxr_ldm, train_clip.json of brain_unclip).
+TINY_CLIP = {
+    "clip_batch_size": 4,
+    "num_workers": 0,
+    "train_limit": 8,
+    "val_limit": 4,
+    "val_interval": 1,
+    "clip_image_size": 32,
+    "clip_patch_size": 8,
+    "clip_vision_width": 16,
+    "clip_vision_layers": 1,
+    "text_width": 16,
+    "text_layers": 1,
+    "clip_heads": 2,
+    "clip_projection_dim": 16,
+}
+
 
 def bundle_env() -> dict[str, str]:
     """Environment for a bundle subprocess: the repository importable, no hub access."""
