@@ -16,7 +16,36 @@ from monai.engines import DiffusionPrepareBatch
 
 from common.diffusion.sampling import GuidedLatentSampler
 from common.diffusion.schedules import SchedulerSettings
+from common.networks.clip_model import ClipEncoder
 from common.networks.prior import EmbeddingStandardizer
+
+
+@torch.no_grad()
+def caption_condition(
+    clip: ClipEncoder,
+    captions: Sequence[str],
+    use_text_tokens: bool = True,
+    use_text_mask: bool = False,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """What the prior is conditioned on for ``B`` captions, from the frozen CLIP (training and sampling alike).
+
+    ``{"text_embedding": (B, D_emb)}`` (unit-norm, ``clip.encode_texts``), plus ``"text_tokens"`` ``(B, 77,
+    D_text)`` with ``use_text_tokens`` and ``"text_mask"`` ``(B, 77)`` with ``use_text_mask`` (only for a prior
+    trained with one); on ``device`` (the CLIP's by default).
+    """
+    if isinstance(captions, str):
+        raise TypeError("`captions` must be a sequence of strings, not one string.")
+    if use_text_mask and not use_text_tokens:
+        raise ValueError("`use_text_mask` masks the text tokens: it needs `use_text_tokens`.")
+    captions = list(captions)
+    condition = {"text_embedding": clip.encode_texts(captions)}
+    if use_text_tokens:
+        tokens, mask = clip.text_tokens(captions)
+        condition["text_tokens"] = tokens
+        if use_text_mask:
+            condition["text_mask"] = mask
+    return {name: value.to(device) if device is not None else value for name, value in condition.items()}
 
 
 class PriorPrepareBatch(DiffusionPrepareBatch):
@@ -81,6 +110,54 @@ class PriorPrepareBatch(DiffusionPrepareBatch):
             if key is not None
         }
         return noisy, x0, (), {"timesteps": timesteps, "drop_text": drop_text, **condition}
+
+
+class CaptionPriorPrepareBatch(PriorPrepareBatch):
+    """:class:`PriorPrepareBatch` on batches of cached image embeddings and captions, the text side made here.
+
+    Training captions are new phrasings every epoch, so their condition (:func:`caption_condition`, by the frozen
+    CLIP, without gradients) is computed per batch: the CLIP text tower is small next to the prior. The image
+    embeddings come cached (``common.data.clip_embeddings.ClipImageEmbeddingCache``).
+
+    Args:
+        clip: the frozen, fine-tuned CLIP (in eval mode).
+        standardizer, scheduler, drop_prob, image_key: as for :class:`PriorPrepareBatch`.
+        caption_key: batch key of the ``B`` captions.
+        use_text_tokens, use_text_mask: what the prior gets besides the text embedding (as ``UnclipPipeline``).
+    """
+
+    def __init__(
+        self,
+        clip: ClipEncoder,
+        standardizer: EmbeddingStandardizer,
+        scheduler: torch.nn.Module,
+        drop_prob: float = 0.1,
+        image_key: str = "image_embedding",
+        caption_key: str = "caption",
+        use_text_tokens: bool = True,
+        use_text_mask: bool = False,
+    ) -> None:
+        super().__init__(
+            standardizer,
+            scheduler,
+            drop_prob=drop_prob,
+            image_key=image_key,
+            text_tokens_key="text_tokens" if use_text_tokens else None,
+            text_mask_key="text_mask" if use_text_mask else None,
+        )
+        if use_text_mask and not use_text_tokens:
+            raise ValueError("`use_text_mask` masks the text tokens: it needs `use_text_tokens`.")
+        self.clip = clip
+        self.caption_key = caption_key
+        self.use_text_tokens = use_text_tokens
+        self.use_text_mask = use_text_mask
+
+    def __call__(self, batchdata: Mapping[str, Any], device=None, non_blocking: bool = False, **kwargs: Any):
+        captions = batchdata[self.caption_key]
+        if isinstance(captions, str):
+            raise TypeError(f"Batch key {self.caption_key!r} holds one string; expected one caption per item.")
+        condition = caption_condition(self.clip, list(captions), self.use_text_tokens, self.use_text_mask)
+        return super().__call__({**batchdata, **condition}, device, non_blocking, **kwargs)
 
 
 class PriorSampler(GuidedLatentSampler):

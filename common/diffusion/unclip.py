@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 
 from common.diffusion.latent_space import ScaledLatentSpace
-from common.diffusion.prior_sampling import PriorSampler
+from common.diffusion.prior_sampling import PriorSampler, caption_condition
 from common.diffusion.requests import check_prompt
 from common.diffusion.sampling import GuidedLatentSampler, latent_shape
 from common.engines.prepare_batch import LatentDiffusionPrepareBatch
@@ -257,19 +257,14 @@ class UnclipPipeline:
         prompts = [check_prompt(p) for p in prompts]
         seeds = self._check_seeds(seeds, len(prompts))
         self.clip.eval()
-        text_embedding = self.clip.encode_texts(prompts).to(self.device)
-        tokens = mask = None
-        if self.use_text_tokens:
-            tokens, mask = self.clip.text_tokens(prompts)
-            tokens = tokens.to(self.device)
-            mask = mask.to(self.device) if self.use_text_mask else None
+        condition = caption_condition(self.clip, prompts, self.use_text_tokens, self.use_text_mask, self.device)
         sampler = _with_guidance(self.prior_sampler, prior_guidance_scale)
         embeddings = sampler(
             self._noise(seeds, "prior_noise", (self.embedding_dim,)),
             self.prior,
-            text_embedding,
-            tokens,
-            mask,
+            condition["text_embedding"],
+            condition.get("text_tokens"),
+            condition.get("text_mask"),
             generator=self._generators(seeds, "prior_steps"),
         )
         return F.normalize(embeddings, dim=-1) if self.normalize_embeddings else embeddings

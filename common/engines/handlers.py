@@ -44,6 +44,40 @@ class LatentScaleFactorHandler:
         self.latent_space.fit_scale_factor(engine.data_loader, self.image_key, engine.state.device, self.max_batches)
 
 
+class EmbeddingStandardizerHandler:
+    """Fit the prior's embedding standardiser on the training image embeddings when training starts.
+
+    A standardiser already fitted (restored from a checkpoint: attach this after the ``SafeCheckpointLoader``) is
+    kept, so a resumed run diffuses the same standardised embeddings. Every rank fits on the whole training set
+    (``items``, the cached datalist), so the statistics agree without communication.
+
+    Args:
+        standardizer: the prior's ``EmbeddingStandardizer``.
+        items: the training items, each with ``embedding_key`` ``(D,)`` (``ClipImageEmbeddingCache`` output).
+        embedding_key: item key of the image embedding.
+    """
+
+    def __init__(
+        self, standardizer: torch.nn.Module, items: Sequence[Mapping[str, Any]], embedding_key: str = "image_embedding"
+    ) -> None:
+        self.standardizer = standardizer
+        self.items = items
+        self.embedding_key = embedding_key
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        if bool(self.standardizer.fitted):
+            logger.info("Embedding standardiser kept (resumed)")
+            return
+        if any(self.embedding_key not in item for item in self.items):
+            raise KeyError(f"Training items lack '{self.embedding_key}': cache the CLIP image embeddings first.")
+        embeddings = torch.stack([torch.as_tensor(item[self.embedding_key]).float() for item in self.items])
+        self.standardizer.fit(embeddings)
+        logger.info("Embedding standardiser fitted on %d training image embeddings", embeddings.shape[0])
+
+
 class SampleImagesHandler:
     """Every ``interval`` epochs, sample fixed-seed images for ``prompts`` and log them to TensorBoard.
 

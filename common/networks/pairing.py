@@ -30,6 +30,7 @@ DEPENDS_ON_KEY = "depends_on"
 DEPENDENCY_PARTS: dict[str, tuple[str, ...] | None] = {
     "autoencoder": ("encoder.", "quant_conv_mu.", "quant_conv_log_sigma."),
     "text_encoder": None,
+    "clip": None,
 }
 
 

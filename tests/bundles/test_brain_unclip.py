@@ -107,3 +107,66 @@ def test_bad_option_is_refused_before_work(tmp_path):
     assert result.returncode != 0
     assert "--clip_batch_size" in result.stderr.strip().splitlines()[-1] + result.stdout
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(phantoms, tmp_path_factory) -> Path:
+    """A CLIP trained one tiny epoch through train_clip.json, installed in a scratch folder."""
+    folder = tmp_path_factory.mktemp("clip")
+    run = workflow(
+        "train_clip.json",
+        "train",
+        dataset_dir=str(phantoms),
+        run_dir=str(folder / "runs"),
+        clip_weights_path=str(folder / "clip.pt"),
+        install_weights=True,
+        clip_max_epochs=1,
+        **TINY_CLIP,
+    )
+    run.run()
+    run.finalize()
+    return folder / "clip.pt"
+
+
+def test_prior_stage_trains_on_cached_clip_embeddings_and_records_its_clip(phantoms, tiny_clip, tmp_path):
+    """train_prior.json: image embeddings cached once by the frozen CLIP, standardiser fitted on them, export paired."""
+    from common.networks.pairing import fingerprint
+
+    overrides = {k: v for k, v in TINY_CLIP.items() if not k.startswith(("clip_", "text_"))}
+    run = workflow(
+        ["train_clip.json", "train_prior.json"],
+        "train",
+        dataset_dir=str(phantoms),
+        run_dir=str(tmp_path / "runs"),
+        clip_weights_path=str(tiny_clip),
+        prior_path=str(tmp_path / "prior.pt"),
+        install_weights=True,
+        prior_max_epochs=2,
+        prior_batch_size=4,
+        prior_width=16,
+        prior_layers=1,
+        prior_heads=2,
+        **overrides,
+    )
+    required = [name for name, spec in TrainProperties.items() if spec.get("required")]
+    assert all(getattr(run, name) is not None for name in required)
+    items = run.parser.get_parsed_content("train#dataset").data
+    assert all(item["image_embedding"].shape == (16,) and "image" not in item for item in items)
+    cached = list((tmp_path / "runs" / "embedding_cache").glob("clip_image_embeddings_*.pt"))
+    assert len(cached) == 2, "one file per split (training, validation)"
+    batch = run.parser.get_parsed_content("train#dataset")[0]
+    assert set(batch) == {"image_embedding", "caption"} and "T1" in batch["caption"]
+    run.run()
+    val_mse = run.parser.get_parsed_content("validate#evaluator").state.metrics["val_mse"]
+    clip = run.parser.get_parsed_content("frozen_clip")
+    run.finalize()
+    assert val_mse > 0
+
+    weights = load_weights(tmp_path / "prior.pt")
+    assert set(weights) == {"prior", "scheduler", "depends_on", "architectures", "provenance"}
+    assert weights["depends_on"] == {"clip": fingerprint("clip", clip.model)}
+    assert weights["scheduler"]["prediction_type"] == "sample" and weights["scheduler"]["schedule"] == "cosine"
+    prior = network_from_weights(weights, "prior")
+    embeddings = torch.stack([item["image_embedding"] for item in items])
+    torch.testing.assert_close(prior.standardizer.mean, embeddings.mean(0))
+    assert bool(prior.standardizer.fitted)

@@ -20,6 +20,7 @@ from common.data.cxr.phantoms import write_cxr_phantom_dataset
 from common.io.weights import load_weights
 from tests.helpers import REPO_ROOT
 from tests.helpers.bundle_runs import (
+    TINY_CLIP,
     bundle_env,
     error_text,
     kill_at_checkpoint,
@@ -163,6 +164,63 @@ def test_training_prompts_are_report_excerpts(trained, phantoms, tmp_path):
         **TINY_LDM,
     ).parser.get_parsed_content("train#dataset")
     assert [everything_dropped[i]["prompt"] for i in range(len(everything_dropped))] == [""] * 8
+
+
+def test_text_encoder_stage_exports_the_trained_tower_that_the_diffusion_stage_reads(phantoms, tmp_path):
+    """train_text_encoder.json trains a CLIP on radiographs and report excerpts and installs its text tower."""
+    from common.networks.text_encoder import load_text_model
+
+    models = scratch_model_dir(SHIPPED, tmp_path / "models")
+    runs = tmp_path / "runs"
+    configs = ["train_autoencoder.json", "train_text_encoder.json"]
+    run = workflow(
+        configs,
+        "train",
+        dataset_dir=str(phantoms),
+        model_dir=str(models),
+        run_dir=str(runs),
+        install_weights=True,
+        demo_weights=True,
+        clip_max_epochs=2,
+        **TINY_CLIP,
+    )
+    assert run.check_properties() in (None, [])
+    run.run()
+    recall = run.parser.get_parsed_content("validate#evaluator").state.metrics["val_text_to_image_R@5"]
+    run.finalize()
+    assert 0.0 <= recall <= 1.0
+
+    installed = models / "text_encoder.pt"
+    assert (runs / "text_encoder.pt").read_bytes() == installed.read_bytes()
+    weights = load_weights(installed)
+    assert set(weights) == {"text_encoder", "architectures", "provenance"} and weights["provenance"]["demo"] is True
+    tower = load_text_model(None, None, installed)
+    assert tower.config.hidden_size == 16
+    # the exported tower is the trained one: the last checkpoint's CLIP text half, not the initialisation
+    checkpoint = torch.load(runs / "checkpoint_epoch=2.pt", weights_only=False)["clip"]
+    trained = {
+        k.removeprefix("model.text_model."): v for k, v in checkpoint.items() if k.startswith("model.text_model.")
+    }
+    assert trained.keys() == tower.state_dict().keys()
+    assert all(torch.equal(trained[k], v) for k, v in tower.state_dict().items())
+    initial = workflow(
+        configs,
+        "train",
+        dataset_dir=str(phantoms),
+        model_dir=str(models),
+        run_dir=str(tmp_path / "x"),
+        resume=False,
+        **TINY_CLIP,
+    )
+    initial_tower = initial.parser.get_parsed_content("text_tower")
+    assert not all(torch.equal(initial_tower.state_dict()[k], v) for k, v in tower.state_dict().items())
+
+    # the diffusion stage conditions on the new tower: its context is the tower's width
+    ldm = workflow(
+        TRAIN_LDM, "train", dataset_dir=str(phantoms), model_dir=str(models), run_dir=str(tmp_path / "ldm"), **TINY_LDM
+    )
+    assert ldm.parser.get_parsed_content("context_dim") == 16
+    assert ldm.parser.get_parsed_content("prompt_encoder")(["No pleural effusion."]).shape == (1, 77, 16)
 
 
 # -------------------------------------------------------------------------------------------------- inference

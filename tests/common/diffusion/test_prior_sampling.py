@@ -192,3 +192,66 @@ def test_sampling_an_unfitted_prior_is_refused():
     test = data.batch(2, seed=0)
     with pytest.raises(RuntimeError, match="standardiser"):
         PriorSampler(_settings(), num_inference_steps=2)(torch.randn(2, D_EMB), _prior(), test["text_embedding"])
+
+
+# CaptionPriorPrepareBatch / caption_condition ------------------------------------------------------------
+
+
+def _small_clip():
+    from common.networks.clip_model import ClipEncoder, build_small_clip
+    from tests.conftest import TOKENIZER_DIR, _cached_tokenizer
+
+    clip = build_small_clip(image_size=32, patch_size=8, vision_width=16, text_width=12, heads=2, projection_dim=D_EMB)
+    return ClipEncoder(clip, _cached_tokenizer(str(TOKENIZER_DIR))).eval().requires_grad_(False)
+
+
+def test_caption_batches_get_the_clip_condition_the_pipeline_uses():
+    """Training's text condition is caption_condition's, which UnclipPipeline samples with."""
+    from common.diffusion.prior_sampling import CaptionPriorPrepareBatch, caption_condition
+
+    clip = _small_clip()
+    captions = ["T1-weighted brain MRI, axial slice at z=+11 mm", "large lateral ventricles", ""]
+    embeddings = torch.randn(3, D_EMB) * 2 + 1
+    standardizer = EmbeddingStandardizer(D_EMB).fit(embeddings)
+    prepare = CaptionPriorPrepareBatch(clip, standardizer, _settings().build("ddpm"), drop_prob=0.0)
+    torch.manual_seed(0)
+    noisy, x0, args, kwargs = prepare({"image_embedding": embeddings, "caption": captions})
+    condition = caption_condition(clip, captions)
+    assert set(condition) == {"text_embedding", "text_tokens"} and args == ()
+    assert torch.equal(kwargs["text_embedding"], condition["text_embedding"])
+    assert torch.equal(kwargs["text_tokens"], condition["text_tokens"]) and kwargs["text_tokens"].shape == (3, 77, 12)
+    assert "text_mask" not in kwargs and not kwargs["drop_text"].any()
+    torch.testing.assert_close(x0, standardizer.standardize(embeddings))
+    assert torch.allclose(condition["text_embedding"].norm(dim=-1), torch.ones(3))
+
+    masked = CaptionPriorPrepareBatch(clip, standardizer, _settings().build("ddpm"), use_text_mask=True)
+    _, _, _, kwargs = masked({"image_embedding": embeddings, "caption": captions})
+    assert kwargs["text_mask"].shape == (3, 77) and kwargs["text_mask"][2].sum() == 2  # start and end tokens
+    bare = CaptionPriorPrepareBatch(clip, standardizer, _settings().build("ddpm"), use_text_tokens=False)
+    assert set(bare({"image_embedding": embeddings, "caption": captions})[3]) == {
+        "timesteps",
+        "drop_text",
+        "text_embedding",
+    }
+    with pytest.raises(TypeError, match="one string"):
+        prepare({"image_embedding": embeddings[:1], "caption": "one caption"})
+    with pytest.raises(ValueError, match="needs `use_text_tokens`"):
+        CaptionPriorPrepareBatch(
+            clip, standardizer, _settings().build("ddpm"), use_text_tokens=False, use_text_mask=True
+        )
+
+
+def test_standardizer_handler_fits_on_the_training_embeddings_unless_resumed():
+    from common.engines.handlers import EmbeddingStandardizerHandler
+
+    items = [{"image_embedding": torch.randn(D_EMB) * 3 + 2} for _ in range(10)]
+    standardizer = EmbeddingStandardizer(D_EMB)
+    EmbeddingStandardizerHandler(standardizer, items)()
+    stacked = torch.stack([item["image_embedding"] for item in items])
+    torch.testing.assert_close(standardizer.mean, stacked.mean(0))
+    resumed = EmbeddingStandardizer(D_EMB).fit(torch.randn(4, D_EMB))
+    before = resumed.mean.clone()
+    EmbeddingStandardizerHandler(resumed, items)()
+    assert torch.equal(resumed.mean, before), "a restored standardiser is kept"
+    with pytest.raises(KeyError, match="cache the CLIP image embeddings"):
+        EmbeddingStandardizerHandler(EmbeddingStandardizer(D_EMB), [{"caption": "x"}])()
