@@ -439,16 +439,29 @@ def test_diffusion_training_killed_midway_resumes_from_last_checkpoint(trained, 
 
 
 def test_shipped_demo_from_the_bundle_folder(tmp_path):
+    """The README's command writes a radiograph in which the stated effusion shows, and a negated one does not.
+
+    "Shows" is judged by the shipped phantom finding classifier on the written 8-bit PNG, read back as a user would.
+    """
+    from common.data.cxr.transforms import LoadRadiographd
+    from common.evaluation.findings import FindingClassifier
+
     before = bundle_files()
-    out = tmp_path / "out"
-    cmd = [PY, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
-    cmd += ["--prompt", "Large left pleural effusion.", "--seed", "0", "--output_dir", str(out), "--num_samples", "1"]
-    done = subprocess.run(cmd, cwd=BUNDLE, env=bundle_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    png = next(p for p in out.iterdir() if p.suffix == ".png")
-    assert Image.open(png).size == (128, 128)
-    sidecar = json.loads(next(p for p in out.iterdir() if p.suffix == ".json").read_text())
-    assert sidecar["prompt"] == "Large left pleural effusion." and sidecar["seed"] == 0
+    probability = {}
+    for prompt in ("Large left pleural effusion.", "No pleural effusion."):
+        out = tmp_path / prompt.split()[0]
+        cmd = [PY, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+        cmd += ["--prompt", prompt, "--seed", "0", "--output_dir", str(out), "--num_samples", "1"]
+        done = subprocess.run(cmd, cwd=BUNDLE, env=bundle_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        png = next(p for p in out.iterdir() if p.suffix == ".png")
+        assert Image.open(png).size == (128, 128)
+        sidecar = json.loads(next(p for p in out.iterdir() if p.suffix == ".json").read_text())
+        assert sidecar["prompt"] == prompt and sidecar["seed"] == 0
+        image = LoadRadiographd(keys="image")({"image": str(png)})["image"]
+        classifier = FindingClassifier.from_weights(SHIPPED / "finding_classifier.pt")
+        probability[prompt] = float(classifier(image[None])[0, classifier.findings.index("pleural_effusion")])
+    assert probability["Large left pleural effusion."] > 0.5 > probability["No pleural effusion."], probability
     assert bundle_files() == before
 
 
