@@ -110,14 +110,16 @@ def kill_at_checkpoint(args: Sequence[str], checkpoint: Path, timeout: float = 2
     """Start a training command and kill it (SIGKILL, as a crash or a lost node would) once ``checkpoint`` is written.
 
     "Written" means a complete archive: killed while the file is still being saved, the run would have nothing to
-    resume from (a truncated checkpoint is skipped), which is a different test.
+    resume from (a truncated checkpoint is skipped), which is a different test. The name may be a glob pattern
+    (``checkpoint_epoch=*.pt``: any checkpoint), for runs whose epochs are too quick to catch a given one before
+    the checkpoint saver deletes it.
     """
     proc = subprocess.Popen(
         list(args), cwd=REPO_ROOT, env=bundle_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + timeout
     try:
-        while not (checkpoint.exists() and zipfile.is_zipfile(checkpoint)):
+        while not any(zipfile.is_zipfile(path) for path in checkpoint.parent.glob(checkpoint.name)):
             assert proc.poll() is None, "training ended before it could be interrupted"
             assert time.time() < deadline, "no checkpoint within the time limit"
             time.sleep(0.2)
