@@ -177,3 +177,53 @@ def test_prior_stage_trains_on_cached_clip_embeddings_and_records_its_clip(phant
     embeddings = torch.stack([item["image_embedding"] for item in items])
     torch.testing.assert_close(prior.standardizer.mean, embeddings.mean(0))
     assert bool(prior.standardizer.fitted)
+
+
+def test_decoder_stage_trains_in_brain_t1_ldm_latent_space_on_cached_embeddings(phantoms, tiny_clip, tmp_path):
+    """train_decoder.json: embeddings and latents cached once, brain_t1_ldm's autoencoder, export paired and usable."""
+    from common.diffusion.latent_space import ScaledLatentSpace
+    from common.diffusion.sampling import GuidedLatentSampler
+    from common.diffusion.schedules import SchedulerSettings
+    from common.networks.embedding_context import null_context
+    from common.networks.pairing import fingerprint
+
+    overrides = {k: v for k, v in TINY_CLIP.items() if not k.startswith(("clip_", "text_"))}
+    run = workflow(
+        ["train_clip.json", "train_decoder.json"],
+        "train",
+        dataset_dir=str(phantoms),
+        run_dir=str(tmp_path / "runs"),
+        clip_weights_path=str(tiny_clip),
+        decoder_path=str(tmp_path / "decoder.pt"),
+        install_weights=True,
+        decoder_max_epochs=1,
+        decoder_batch_size=4,
+        **overrides,
+    )
+    required = [name for name, spec in TrainProperties.items() if spec.get("required")]
+    assert all(getattr(run, name) is not None for name in required)
+    assert run.parser.get_parsed_content("autoencoder_path").endswith("brain_t1_ldm/models/autoencoder.pt")
+    items = run.parser.get_parsed_content("train#dataset").data
+    assert all({"image_embedding", "z_mu", "z_sigma"} <= set(item) and "image" not in item for item in items)
+    assert set(run.parser.get_parsed_content("train#dataset")[0]) == {"image_embedding", "z_mu", "z_sigma"}
+    for cache in ("embedding_cache/clip_image_embeddings_*.pt", "latent_cache/latent_moments_*.pt"):
+        assert len(list((tmp_path / "runs").glob(cache))) == 2, f"one {cache} per split"
+    run.run()
+    clip, autoencoder = run.parser.get_parsed_content("frozen_clip"), run.parser.get_parsed_content("autoencoder")
+    run.finalize()
+
+    weights = load_weights(tmp_path / "decoder.pt")
+    assert set(weights) == {"decoder", "latent", "scheduler", "depends_on", "architectures", "provenance"}
+    assert weights["depends_on"] == {
+        "autoencoder": fingerprint("autoencoder", autoencoder),
+        "clip": fingerprint("clip", clip.model),
+    }
+    assert weights["latent"]["scale_factor"] > 0 and weights["scheduler"]["prediction_type"] == "v_prediction"
+    decoder = network_from_weights(weights, "decoder").eval()
+    latent_space = ScaledLatentSpace(autoencoder, weights["latent"]["scale_factor"])
+    sampler = GuidedLatentSampler(
+        latent_space, SchedulerSettings.from_state(weights["scheduler"]), num_inference_steps=2
+    )
+    embedding = items[0]["image_embedding"][None]
+    images = sampler(torch.randn(1, 3, 20, 28), decoder, context=embedding, uncond_context=null_context(embedding))
+    assert images.shape == (1, 1, 80, 112) and torch.isfinite(images).all()
