@@ -28,6 +28,16 @@ def workflow(config, workflow_type, **overrides):
     return bundle_workflow(BUNDLE, config, workflow_type, **overrides)
 
 
+def assert_required_train_properties(run) -> None:
+    """MONAI's required train properties, one by one.
+
+    ``check_properties()`` also needs ``configs/metadata.json``, which the bundle gets when it ships (with
+    ``inference.json``): verify-bundles and package-bundles pick up every folder that has one.
+    """
+    required = [name for name, spec in TrainProperties.items() if spec.get("required")]
+    assert "trainer" in required and all(getattr(run, name) is not None for name in required)
+
+
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("brain_phantoms")
@@ -49,10 +59,7 @@ def test_clip_stage_trains_validates_and_exports_a_rebuildable_clip(phantoms, tm
         clip_max_epochs=2,
         **TINY_CLIP,
     )
-    # check_properties() needs configs/metadata.json, which the bundle gets when it ships (with inference.json):
-    # verify-bundles and package-bundles pick up every folder that has one
-    required = [name for name, spec in TrainProperties.items() if spec.get("required")]
-    assert "trainer" in required and all(getattr(run, name) is not None for name in required)
+    assert_required_train_properties(run)
     # training captions are random phrasings of each slice's facts; validation's are the canonical ones
     train_data = run.parser.get_parsed_content("train#dataset")
     captions = {train_data[0]["caption"] for _ in range(8)}
@@ -155,8 +162,7 @@ def test_prior_stage_trains_on_cached_clip_embeddings_and_records_its_clip(phant
         prior_heads=2,
         **overrides,
     )
-    required = [name for name, spec in TrainProperties.items() if spec.get("required")]
-    assert all(getattr(run, name) is not None for name in required)
+    assert_required_train_properties(run)
     items = run.parser.get_parsed_content("train#dataset").data
     assert all(item["image_embedding"].shape == (16,) and "image" not in item for item in items)
     cached = list((tmp_path / "runs" / "embedding_cache").glob("clip_image_embeddings_*.pt"))
@@ -200,8 +206,7 @@ def test_decoder_stage_trains_in_brain_t1_ldm_latent_space_on_cached_embeddings(
         decoder_batch_size=4,
         **overrides,
     )
-    required = [name for name, spec in TrainProperties.items() if spec.get("required")]
-    assert all(getattr(run, name) is not None for name in required)
+    assert_required_train_properties(run)
     assert run.parser.get_parsed_content("autoencoder_path").endswith("brain_t1_ldm/models/autoencoder.pt")
     items = run.parser.get_parsed_content("train#dataset").data
     assert all({"image_embedding", "z_mu", "z_sigma"} <= set(item) and "image" not in item for item in items)
