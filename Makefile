@@ -34,7 +34,9 @@ demo: setup
 		--output_dir ../../$(DEMO_OUT)/flair_to_t1_controlnet --seed 0 --overwrite True
 	cd bundles/cxr_ldm && ../../$(PY) -m monai.bundle run --config_file configs/inference.json \
 		--prompt "Large left pleural effusion." --output_dir ../../$(DEMO_OUT)/cxr_ldm --num_samples 4 --seed 0 --overwrite True
-	@echo "Images, NIfTI volumes and JSON sidecars are in $(DEMO_OUT)/brain_t1_ldm, $(DEMO_OUT)/flair_to_t1_controlnet and $(DEMO_OUT)/cxr_ldm"
+	cd bundles/brain_unclip && ../../$(PY) -m monai.bundle run --config_file configs/inference.json \
+		--output_dir ../../$(DEMO_OUT)/brain_unclip --num_samples 4 --seed 0 --overwrite True
+	@echo "Images, NIfTI volumes and JSON sidecars are in $(DEMO_OUT)/brain_t1_ldm, $(DEMO_OUT)/flair_to_t1_controlnet, $(DEMO_OUT)/cxr_ldm and $(DEMO_OUT)/brain_unclip"
 
 test: setup
 	$(PY) -m ruff check .

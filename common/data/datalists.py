@@ -20,11 +20,14 @@ def load_datalist(
     limit: int | None = None,
     required_keys: Sequence[str] = (),
     how_to_get: str = DATA_HINT,
+    image_key: str = "image",
 ) -> list[dict[str, Any]]:
     """Entries of split ``key`` of ``dataset_dir/filename`` with paths made absolute; ``limit`` keeps the first N.
 
     ``required_keys`` (e.g. ``["image", "condition"]`` for paired data) must be present in every entry.
     ``how_to_get`` ends every error: how to make or prepare the data this bundle needs.
+    ``image_key`` names the entry key whose file is used as ``"image"`` (e.g. ``"flair"`` of the brain phantoms, to
+    train or evaluate on their FLAIR slices); the entry's own ``"image"`` is then replaced.
     """
     path = Path(dataset_dir) / filename
     if not path.is_file():
@@ -36,6 +39,13 @@ def load_datalist(
     if not items:
         raise ValueError(f"The '{key}' split of {path} is empty. {how_to_get}")
     for i, item in enumerate(items):
+        if image_key != "image":
+            if image_key not in item:
+                raise ValueError(
+                    f"Entry {i} of the '{key}' split of {path} has no '{image_key}' to use as the image; its keys are "
+                    f"{sorted(item)}."
+                )
+            item["image"] = item[image_key]
         if missing := [k for k in required_keys if k not in item]:
             raise ValueError(
                 f"Entry {i} of the '{key}' split of {path} has no {missing}: this bundle needs paired data "

@@ -270,23 +270,36 @@ class UnclipPipeline:
         return F.normalize(embeddings, dim=-1) if self.normalize_embeddings else embeddings
 
     @torch.no_grad()
-    def decode(
-        self, embeddings: torch.Tensor, seeds: Sequence[int], decoder_guidance_scale: float | None = None
-    ) -> torch.Tensor:
-        """Image embeddings ``(B, D_emb)`` and seeds -> images ``(B, C, H, W)`` in [0, 1] from the guided decoder."""
+    def slice_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Slices ``(B, 1, H, W)`` in [0, 1] -> their CLIP image embeddings ``(B, D_emb)`` on the pipeline's device."""
+        if images.ndim != 4:
+            raise ValueError(f"Expected slices of shape (B, 1, H, W), got {tuple(images.shape)}.")
+        self.clip.eval()
+        return self.clip.encode_images(images).to(self.device)
+
+    def decoder_inputs(self, embeddings: torch.Tensor, seeds: Sequence[int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """What the decoder sampler takes for image embeddings ``(B, D_emb)``: the seeded starting noise
+        ``(B, *latent_shape)`` and ``{"context", "uncond_context", "generator"}`` (the null embedding is the
+        unconditional branch, as in training)."""
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(f"Expected image embeddings (B, {self.embedding_dim}), got {tuple(embeddings.shape)}.")
         seeds = self._check_seeds(seeds, embeddings.shape[0])
         embeddings = embeddings.to(self.device, torch.float32)
+        noise = self._noise(seeds, "decoder_noise", self.latent_shape)
+        return noise, {
+            "context": embeddings,
+            "uncond_context": null_context(embeddings),
+            "generator": self._generators(seeds, "decoder_steps"),
+        }
+
+    @torch.no_grad()
+    def decode(
+        self, embeddings: torch.Tensor, seeds: Sequence[int], decoder_guidance_scale: float | None = None
+    ) -> torch.Tensor:
+        """Image embeddings ``(B, D_emb)`` and seeds -> images ``(B, C, H, W)`` in [0, 1] from the guided decoder."""
+        noise, condition = self.decoder_inputs(embeddings, seeds)
         sampler = _with_guidance(self.decoder_sampler, decoder_guidance_scale)
-        images = sampler(
-            self._noise(seeds, "decoder_noise", self.latent_shape),
-            self.decoder,
-            context=embeddings,
-            uncond_context=null_context(embeddings),
-            generator=self._generators(seeds, "decoder_steps"),
-        )
-        return images.clamp(0, 1)
+        return sampler(noise, self.decoder, **condition).clamp(0, 1)
 
     # -- the three uses --
 
@@ -317,12 +330,8 @@ class UnclipPipeline:
         """
         if isinstance(num_variations, bool) or not isinstance(num_variations, int) or num_variations < 1:
             raise ValueError(f"`num_variations` must be a positive integer, got {num_variations!r}.")
-        if images.ndim != 4:
-            raise ValueError(f"Expected slices of shape (B, 1, H, W), got {tuple(images.shape)}.")
         seeds = self._check_seeds(seeds, images.shape[0])
-        self.clip.eval()
-        embeddings = self.clip.encode_images(images).to(self.device)
-        embeddings = embeddings.repeat_interleave(num_variations, dim=0)
+        embeddings = self.slice_embeddings(images).repeat_interleave(num_variations, dim=0)
         variation_seeds = [s + j for s in seeds for j in range(num_variations)]
         return self.decode(embeddings, variation_seeds, decoder_guidance_scale)
 

@@ -181,14 +181,7 @@ class WeightsExporter:
         from common.io.atomic import atomic_path
         from common.io.weights import sha256sum
 
-        state = {name: obj.state_dict() for name, obj in self.objects.items()}
-        if records := architecture_records(self.objects):
-            state[ARCHITECTURES_KEY] = records
-        if self.provenance:
-            state[PROVENANCE_KEY] = self.provenance
-        names = ", ".join(self.objects)
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
+        names = self.save()
         if self.install_path is None:
             logger.info(
                 "Exported %s to %s. The bundle's weights are unchanged: to use these, pass their path to the next "
@@ -202,6 +195,44 @@ class WeightsExporter:
         with atomic_path(install) as tmp:
             shutil.copyfile(self.path, tmp)  # the file just written, byte for byte, not a second serialisation
         logger.warning("Exported %s to %s and installed them (--install_weights True): %s.", names, self.path, replaced)
+
+    def save(self) -> str:
+        """Write the exported file to ``path`` (atomically); return what it holds, for the log."""
+        from common.io.atomic import atomic_path
+
+        state = {name: obj.state_dict() for name, obj in self.objects.items()}
+        if records := architecture_records(self.objects):
+            state[ARCHITECTURES_KEY] = records
+        if self.provenance:
+            state[PROVENANCE_KEY] = self.provenance
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+        return ", ".join(self.objects)
+
+
+class LoRAAdapterExporter(WeightsExporter):
+    """When training completes, save only the LoRA adapters of ``network`` (``common.networks.lora.save_lora``:
+    the adapter tensors, their rank, alpha and targets, and the base network's fingerprint) to ``path``; install
+    them at ``install_path`` when given, as :class:`WeightsExporter` does.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        network: torch.nn.Module,
+        settings: Any,
+        provenance: Mapping[str, Any] | None = None,
+        install_path: str | None = None,
+    ) -> None:
+        super().__init__(path, {}, provenance, install_path)
+        self.network = network
+        self.settings = settings
+
+    def save(self) -> str:
+        from common.networks.lora import save_lora
+
+        save_lora(self.path, self.network, self.settings, provenance=self.provenance)
+        return f"the LoRA adapters (rank {self.settings.rank}, {len(self.settings.target_modules)} layers)"
 
 
 class TerminateOnNaNHandler:

@@ -205,15 +205,27 @@ def lora_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _matches(name: str, target: str) -> bool:
+    """Whether module ``name`` is matched by peft target ``target`` (the full name, or a suffix after a dot)."""
+    return name == target or name.endswith(f".{target}")
+
+
 def _check_settings(network: torch.nn.Module, settings: LoRASettings) -> None:
-    """Refuse settings other than those the adapters of ``network`` were made with: they would re-create others."""
+    """Refuse settings other than those the adapters of ``network`` were made with: they would re-create others.
+
+    Targets are compared by the layers they adapt: peft shortens a long target list to common suffixes.
+    """
     config = network.peft_config[_ADAPTER]
-    made = (config.r, config.lora_alpha, config.lora_dropout, set(config.target_modules))
-    given = (settings.rank, settings.alpha, settings.dropout, set(settings.target_modules))
-    if made != given:
+    made = (config.r, config.lora_alpha, config.lora_dropout)
+    given = (settings.rank, settings.alpha, settings.dropout)
+    adapted = set(_lora_layers(network))
+    targeted = {name for name in adapted if any(_matches(name, t) for t in settings.target_modules)}
+    unmatched = [t for t in settings.target_modules if not any(_matches(name, t) for name in adapted)]
+    if made != given or targeted != adapted or unmatched:
         raise ValueError(
-            f"The settings given (rank, alpha, dropout, targets = {given}) are not those the network's adapters were "
-            f"made with ({made}); save the settings passed to add_lora."
+            f"The settings given (rank, alpha, dropout = {given}, targets {list(settings.target_modules)}) are not "
+            f"those the network's adapters were made with ({made}, adapting {sorted(adapted)}); save the settings "
+            "passed to add_lora."
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from ignite.engine import Events
@@ -284,3 +286,92 @@ def test_stochastic_samplers_stay_a_function_of_the_seed(pipeline, latent_space)
     torch.testing.assert_close(stochastic.text_to_image(PROMPTS, [0, 1]), images, rtol=0, atol=0)
     torch.testing.assert_close(stochastic.text_to_image(PROMPTS[1:], [1]), images[1:], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(images, pipeline.text_to_image(PROMPTS, [0, 1]))  # eta 1 draws fresh step noise
+
+
+# unCLIP inference requests -------------------------------------------------------------------------------------------
+
+
+def _run_requests(pipeline, requests, batch_size: int = 2) -> torch.Tensor:
+    """Images of ``requests`` made by MONAI's SupervisedEvaluator, as inference.json runs them."""
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedEvaluator
+
+    from common.diffusion.unclip_requests import UnclipRequestPrepareBatch
+
+    loader = DataLoader(Dataset(requests), batch_size=batch_size, shuffle=False)
+    images = []
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=loader,
+        network=pipeline.decoder,
+        prepare_batch=UnclipRequestPrepareBatch(pipeline),
+        inferer=pipeline.decoder_sampler,
+        decollate=False,
+    )
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: images.append(e.state.output["pred"].clamp(0, 1)))
+    evaluator.run()
+    return torch.cat(images)
+
+
+def test_requests_of_each_mode_make_the_pipelines_images(pipeline):
+    from common.data.condition_images import ConditionImage
+    from common.diffusion.unclip_requests import unclip_requests
+
+    text = unclip_requests(PROMPTS[0], num_samples=3, seed=4)
+    assert [(r["mode"], r["seed"], r["index"]) for r in text] == [("text", 4, 0), ("text", 5, 1), ("text", 6, 2)]
+    torch.testing.assert_close(
+        _run_requests(pipeline, text), pipeline.text_to_image([PROMPTS[0]] * 3, [4, 5, 6]), rtol=1e-4, atol=1e-5
+    )
+
+    slices = torch.rand(2, 1, *IMAGE_SIZE, generator=torch.Generator().manual_seed(5))
+    source = ConditionImage(path=Path("volume.nii.gz"), slices=slices, kind="volume", shape=(*IMAGE_SIZE, 2))
+    variations = unclip_requests(PROMPTS[0], num_samples=2, seed=10, source=source)
+    assert [(r["source_slice"], r["seed"]) for r in variations] == [(0, 10), (0, 11), (1, 10), (1, 11)]
+    assert all(r["name"].startswith("variation of volume slice") for r in variations)
+    made = _run_requests(pipeline, variations, batch_size=3)  # batches that cut across slices
+    torch.testing.assert_close(made, pipeline.variations(slices, [10, 10], num_variations=2), rtol=1e-4, atol=1e-5)
+
+    path = unclip_requests(PROMPTS[0], num_samples=1, seed=3, interpolate_to=PROMPTS[1], interpolation_steps=4)
+    assert [r["weight"] for r in path] == [0.0, 1 / 3, 2 / 3, 1.0] and {r["seed"] for r in path} == {3}
+    assert len({r["name"] for r in path}) == 4, "every step has its own output name"
+    torch.testing.assert_close(
+        _run_requests(pipeline, path, batch_size=3),
+        pipeline.interpolate(PROMPTS[0], PROMPTS[1], steps=4, seed=3),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_requests_refuse_two_modes_and_bad_counts():
+    from common.data.condition_images import ConditionImage
+    from common.diffusion.unclip_requests import unclip_requests
+
+    source = ConditionImage(path=Path("a.png"), slices=torch.zeros(1, 1, 4, 4), kind="slice", shape=(4, 4))
+    with pytest.raises(ValueError, match="not both"):
+        unclip_requests("a brain", 1, 0, source=source, interpolate_to="another brain")
+    with pytest.raises(ValueError, match="interpolation_steps"):
+        unclip_requests("a brain", 1, 0, interpolate_to="another brain", interpolation_steps=1)
+    with pytest.raises(ValueError, match="empty"):
+        unclip_requests("a brain", 1, 0, interpolate_to=" ")  # a blank second prompt is not "no interpolation"
+    with pytest.raises(ValueError, match="num_samples"):
+        unclip_requests("a brain", 0, 0, source=source)
+
+
+def test_requested_facts_are_read_from_canonical_prompts_only():
+    from common.diffusion.unclip_requests import requested_facts
+
+    facts = requested_facts(
+        "T1-weighted brain MRI, axial slice at z=+13 mm, 70-year-old subject; large lateral ventricles; "
+        "grey matter 41%, white matter 43%, CSF 16%"
+    )
+    assert facts == {
+        "contrast": "T1-weighted",
+        "plane": "axial",
+        "position_mm": 13.0,
+        "age": 70.0,
+        "ventricle_size": "large",
+        "grey_matter": 0.41,
+        "white_matter": 0.43,
+        "csf": 0.16,
+    }
+    assert requested_facts("An old brain with big ventricles.") is None and requested_facts(None) is None

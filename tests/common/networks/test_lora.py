@@ -22,7 +22,7 @@ from common.networks.lora import (
     text_attention_targets,
 )
 from common.networks.pairing import fingerprint
-from tests.conftest import CONTEXT_DIM, LATENT, make_text_model, make_unet
+from tests.conftest import CONTEXT_DIM, LATENT, LATENT_CHANNELS, make_text_model, make_unet
 
 
 def _unet_output(unet: torch.nn.Module, seed: int = 0) -> torch.Tensor:
@@ -235,3 +235,30 @@ def test_lora_state_holds_only_adapter_tensors():
     state = lora_state(trained)
     assert {k.rsplit(".lora_", 1)[0] for k in state} == set(settings.target_modules)
     assert sum(v.numel() for v in state.values()) < sum(p.numel() for p in trained.parameters()) / 10
+
+
+def test_many_targets_save_although_peft_shortens_them(tmp_path):
+    """peft turns a long target list (20 or more layers, as in the demo decoder) into common suffixes; the adapted
+    layers are what count, so the settings passed to add_lora still save and load."""
+    unet = DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        channels=(8, 8, 8),
+        attention_levels=(True, True, True),
+        num_head_channels=8,
+        num_res_blocks=1,
+        norm_num_groups=8,
+        with_conditioning=True,
+        cross_attention_dim=CONTEXT_DIM,
+    )
+    targets = cross_attention_targets(unet)
+    assert len(targets) >= 20
+    settings = LoRASettings(rank=2, alpha=2, target_modules=targets)
+    add_lora(unet, settings)
+    assert set(unet.peft_config["default"].target_modules) != set(targets), "peft shortened the list"
+    path = save_lora(tmp_path / "lora.pt", unet, settings)
+    assert LoRASettings.from_dict(load_weights(path)["lora_settings"]) == settings
+    fewer = LoRASettings(rank=2, alpha=2, target_modules=targets[:4])
+    with pytest.raises(ValueError, match="not those the network's adapters were made with"):
+        save_lora(tmp_path / "other.pt", unet, fewer)
