@@ -6,7 +6,7 @@ import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ignite.distributed as idist
 import torch
@@ -19,6 +19,9 @@ from common.io.display import check_orientation, to_display
 from common.io.provenance import PROVENANCE_KEY
 from common.networks.architecture import ARCHITECTURES_KEY, architecture_records
 from common.networks.text_encoder import CLIPPromptEncoder
+
+if TYPE_CHECKING:  # peft loads only where adapters are exported
+    from common.networks.lora import LoRASettings
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +223,7 @@ class LoRAAdapterExporter(WeightsExporter):
         self,
         path: str,
         network: torch.nn.Module,
-        settings: Any,
+        settings: LoRASettings,
         provenance: Mapping[str, Any] | None = None,
         install_path: str | None = None,
     ) -> None:

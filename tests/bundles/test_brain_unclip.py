@@ -488,3 +488,25 @@ def test_shipped_lora_adapter_belongs_to_the_shipped_decoder():
     assert load_weights(BUNDLE / "models" / "lora_flair.pt")["provenance"]["demo"] is True
     shipped = sum(p.stat().st_size for p in (BUNDLE / "models").glob("*.pt"))
     assert shipped <= 25e6, f"demo weights must stay within 25 MB, got {shipped / 1e6:.1f} MB"
+
+
+def test_lora_stage_under_torchrun_on_two_cpu_processes(phantoms, tiny_models, tmp_path):
+    """The multi-GPU overlay on the LoRA stage (gloo): DDP over a decoder whose base is frozen; rank 0 exports."""
+    import json
+
+    from common.networks.lora import has_lora, load_lora
+
+    configs = [str(BUNDLE / "configs" / c) for c in ("train_clip.json", "train_decoder.json", "train_lora.json")]
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+        "-m", "monai.bundle", "run", "--config_file", json.dumps([*configs, str(BUNDLE / "configs" / "multi_gpu_train.json")]),
+        "--bundle_root", str(BUNDLE), "--dataset_dir", str(phantoms), "--run_dir", str(tmp_path / "runs"),
+        "--clip_weights_path", tiny_models["clip_weights_path"], "--decoder_path", tiny_models["decoder_path"],
+        "--lora_max_epochs", "1", "--lora_batch_size", "2", "--num_workers", "0", "--train_limit", "8",
+        "--val_limit", "2", "--num_threads", "1",
+    ]  # fmt: skip
+    done = subprocess.run(args, cwd=REPO_ROOT, env=bundle_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    decoder = network_from_weights(load_weights(tiny_models["decoder_path"]), "decoder")
+    assert has_lora(load_lora(tmp_path / "runs" / "lora.pt", decoder))
+    assert sorted(p.name for p in (tmp_path / "runs").glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=1.pt"]
