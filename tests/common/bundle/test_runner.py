@@ -55,3 +55,18 @@ def test_a_bundle_carrying_another_common_version_is_refused_with_both_versions(
     (bundle / "common" / "__init__.py").write_text(f'__version__ = "{common.__version__}"\n')
     check_shared_package(bundle)  # the same version is fine
     assert bundle_shared_version(BRAIN) == common.__version__  # the repository's bundles link to this common
+
+
+def test_every_shipped_bundle_runs_through_the_runner_without_code_of_its_own(tmp_path):
+    """The adapter needs no code per bundle: the text-to-image bundles take a prompt, brain_unclip also a slice."""
+    unclip = REPO_ROOT / "bundles" / "brain_unclip"
+    fast = {**FAST, "num_samples": 1}
+    chest = run_bundle(
+        REPO_ROOT / "bundles" / "cxr_ldm", tmp_path / "cxr", {"prompt": "Small left pleural effusion.", **fast}
+    )
+    assert len(chest.sidecars) == 1 and chest.sidecars[0]["prompt"] == "Small left pleural effusion."
+    text = run_bundle(unclip, tmp_path / "text", {**fast, "prior_num_inference_steps": 2})
+    assert text.sidecars[0]["mode"] == "text" and text.sidecars[0]["requested_facts"]["ventricle_size"] == "large"
+    example = CONTROLNET / "examples" / "sub-0011_slice-2_T1w.nii.gz"
+    variations = run_bundle(unclip, tmp_path / "variations", {**fast, "input_image": str(example)})
+    assert variations.sidecars[0]["mode"] == "variation" and variations.sidecars[0]["source"] == str(example)
