@@ -1,0 +1,3 @@
+from .bundle_infer import BundleGenerationTask, BundleTranslationTask
+
+__all__ = ["BundleGenerationTask", "BundleTranslationTask"]
