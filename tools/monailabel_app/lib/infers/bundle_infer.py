@@ -12,6 +12,7 @@ only options the bundle declares reach it, checked by ``run_bundle`` before any 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -28,11 +29,23 @@ from common.bundle.runner import BundleRun, run_bundle
 logger = logging.getLogger(__name__)
 
 
-def _volume_of(result: BundleRun) -> Path:
-    volumes = [p for p in result.files if p.name.endswith(".nii.gz")]
+def _volumes(result: BundleRun) -> list[tuple[Path, dict[str, Any]]]:
+    """The NIfTI outputs of a run, each with its sidecar (found by the file names the sidecar lists)."""
+    sidecars = {name: sidecar for sidecar in result.sidecars for name in sidecar.get("files", [])}
+    volumes = [(p, sidecars.get(p.name, {})) for p in result.files if p.name.endswith(".nii.gz")]
     if not volumes:
         raise ValueError(f"The bundle run wrote no NIfTI output: {[p.name for p in result.files]}")
-    return volumes[0]
+    return volumes
+
+
+def _hand_over(volume: Path, folder: Path) -> str:
+    """A copy of ``volume`` outside the run ``folder``, which is removed: MONAI Label sends the file it is given and
+    then deletes it."""
+    handle, name = tempfile.mkstemp(suffix=".nii.gz", prefix="monailabel_result_")
+    with os.fdopen(handle, "wb") as copy:
+        copy.write(volume.read_bytes())
+    shutil.rmtree(folder, ignore_errors=True)
+    return name
 
 
 class _BundleTask(InferTask):
@@ -76,11 +89,8 @@ class BundleTranslationTask(_BundleTask):
 
     def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         result, folder = self.run({**self.options(request), "input_image": str(request["image"])})
-        # MONAI Label sends the returned file and then deletes it: hand over a copy outside the run folder
-        handle, name = tempfile.mkstemp(suffix=".nii.gz", prefix="monailabel_result_")
-        Path(name).write_bytes(_volume_of(result).read_bytes())
-        shutil.rmtree(folder, ignore_errors=True)
-        return name, {"sidecar": result.sidecars[0] if result.sidecars else {}}
+        ((volume, sidecar),) = _volumes(result)
+        return _hand_over(volume, folder), {"sidecar": sidecar}
 
 
 class BundleGenerationTask(_BundleTask):
@@ -100,16 +110,13 @@ class BundleGenerationTask(_BundleTask):
 
     def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         result, folder = self.run(self.options(request))
-        added = []
-        for volume, sidecar in zip(
-            (p for p in result.files if p.name.endswith(".nii.gz")), result.sidecars, strict=True
-        ):
-            image_id = volume.name.removesuffix(".nii.gz")
-            added.append(
-                self.datastore.add_image(image_id, str(volume), {"generated_by": self.bundle_dir.name, **sidecar})
+        volumes = _volumes(result)
+        added = [
+            self.datastore.add_image(
+                volume.name.removesuffix(".nii.gz"), str(volume), {"generated_by": self.bundle_dir.name, **sidecar}
             )
-        handle, name = tempfile.mkstemp(suffix=".nii.gz", prefix="monailabel_result_")
-        Path(name).write_bytes(_volume_of(result).read_bytes())
-        shutil.rmtree(folder, ignore_errors=True)
+            for volume, sidecar in volumes
+        ]
+        name = _hand_over(volumes[0][0], folder)
         logger.info("%s added %d generated images to the datastore: %s", self.bundle_dir.name, len(added), added)
         return name, {"added_images": added, "sidecars": result.sidecars}
