@@ -39,6 +39,18 @@ class BundleRun:
     files: list[Path] = field(default_factory=list)
     sidecars: list[dict[str, Any]] = field(default_factory=list)
 
+    def outputs(self, suffix: str = ".nii.gz") -> list[tuple[Path, dict[str, Any]]]:
+        """The written files ending in ``suffix``, each with its sidecar (the one listing its name; ``{}`` if none).
+
+        Raises:
+            ValueError: the run wrote no such file.
+        """
+        sidecar_of = {name: sidecar for sidecar in self.sidecars for name in sidecar.get("files", [])}
+        found = [(path, sidecar_of.get(path.name, {})) for path in self.files if path.name.endswith(suffix)]
+        if not found:
+            raise ValueError(f"The bundle run wrote no {suffix} file: {[path.name for path in self.files]}")
+        return found
+
 
 def bundle_shared_version(bundle_dir: str | Path) -> str | None:
     """The version of ``common`` a bundle carries (``common/VENDORED.json`` or ``common/__init__.py``), if any."""

@@ -17,15 +17,18 @@ from common.io.weights import sha256sum
 PROVENANCE_KEY = "provenance"
 
 
-def weights_provenance(files: Mapping[str, str | Path]) -> dict[str, dict[str, Any]]:
+def weights_provenance(files: Mapping[str, str | Path | None]) -> dict[str, dict[str, Any]]:
     """``{name: {"file", "sha256", "demo"}}`` for the weight files that produced an output (``file``: the name).
 
     ``demo`` is what the file itself declares under ``"provenance"`` (the demo weights shipped in the
     bundles say ``True``); a file that declares nothing is not demo weights. A missing file raises
-    ``FileNotFoundError``: outputs never claim weights that are not there.
+    ``FileNotFoundError``: outputs never claim weights that are not there. A ``None`` path is an optional file
+    this run does not use (no LoRA adapter, say) and is left out.
     """
     record = {}
     for name, path in files.items():
+        if path is None:
+            continue
         path = Path(path)
         if path.is_dir():  # a pretrained transformers folder: named, not hashed
             record[name] = {"file": path.name, "sha256": None, "demo": False}

@@ -119,13 +119,6 @@ class BundleInferenceOperator(Operator):
         op_output.emit(result, "result")
 
 
-def _nifti_output(result: BundleRun) -> Path:
-    volumes = [p for p in result.files if p.name.endswith(".nii.gz")]
-    if len(volumes) != 1:
-        raise ValueError(f"Expected one NIfTI output of the bundle run, got {[p.name for p in result.files]}.")
-    return volumes[0]
-
-
 class DerivedSeriesWriterOperator(Operator):
     """Write the bundle's NIfTI output as a new DICOM series of the source study, in ``output_dir/<series UID>/``.
 
@@ -158,7 +151,8 @@ class DerivedSeriesWriterOperator(Operator):
         result: BundleRun = op_input.receive("result")
         selection = op_input.receive("study_selected_series_list")
         sources = [i.get_native_sop_instance() for i in selection[0].selected_series[0].series.get_sop_instances()]
-        volume = np.asarray(nib.load(_nifti_output(result)).dataobj, dtype=np.float32)
+        ((output, _),) = result.outputs(".nii.gz")
+        volume = np.asarray(nib.load(output).dataobj, dtype=np.float32)
         if volume.ndim == 2:
             volume = volume[..., None]
         if volume.shape[-1] != len(sources):
@@ -270,11 +264,8 @@ class SecondaryCaptureWriterOperator(Operator):
         study, series = hd.UID(), hd.UID()
         folder = self.output_dir / str(series)
         folder.mkdir(parents=True, exist_ok=True)
-        images = [p for p in result.files if p.suffix == ".png"]
-        sidecars = {Path(f).stem: s for s in result.sidecars for f in s.get("files", [])}
         written = []
-        for k, png in enumerate(images):
-            sidecar = sidecars.get(png.stem, {})
+        for k, (png, sidecar) in enumerate(result.outputs(".png")):
             orientation = self.patient_orientation or patient_orientation_of(png.with_suffix("").with_suffix(".nii.gz"))
             prompt = str(sidecar.get("prompt", ""))
             image = hd.sc.SCImage(

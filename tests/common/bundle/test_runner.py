@@ -70,3 +70,17 @@ def test_every_shipped_bundle_runs_through_the_runner_without_code_of_its_own(tm
     example = CONTROLNET / "examples" / "sub-0011_slice-2_T1w.nii.gz"
     variations = run_bundle(unclip, tmp_path / "variations", {**fast, "input_image": str(example)})
     assert variations.sidecars[0]["mode"] == "variation" and variations.sidecars[0]["source"] == str(example)
+
+
+def test_outputs_pair_each_written_file_with_its_sidecar(tmp_path):
+    from common.bundle.runner import BundleRun
+
+    run = BundleRun(
+        tmp_path,
+        files=[tmp_path / n for n in ("a.json", "a.nii.gz", "a.png", "b.json", "b.nii.gz", "b.png")],
+        sidecars=[{"seed": 0, "files": ["a.nii.gz", "a.png"]}, {"seed": 1, "files": ["b.nii.gz", "b.png"]}],
+    )
+    assert [(p.name, s["seed"]) for p, s in run.outputs(".nii.gz")] == [("a.nii.gz", 0), ("b.nii.gz", 1)]
+    assert [(p.name, s["seed"]) for p, s in run.outputs(".png")] == [("a.png", 0), ("b.png", 1)]
+    with pytest.raises(ValueError, match="wrote no .dcm file"):
+        run.outputs(".dcm")

@@ -29,15 +29,6 @@ from common.bundle.runner import BundleRun, run_bundle
 logger = logging.getLogger(__name__)
 
 
-def _volumes(result: BundleRun) -> list[tuple[Path, dict[str, Any]]]:
-    """The NIfTI outputs of a run, each with its sidecar (found by the file names the sidecar lists)."""
-    sidecars = {name: sidecar for sidecar in result.sidecars for name in sidecar.get("files", [])}
-    volumes = [(p, sidecars.get(p.name, {})) for p in result.files if p.name.endswith(".nii.gz")]
-    if not volumes:
-        raise ValueError(f"The bundle run wrote no NIfTI output: {[p.name for p in result.files]}")
-    return volumes
-
-
 def _hand_over(volume: Path, folder: Path) -> str:
     """A copy of ``volume`` outside the run ``folder``, which is removed: MONAI Label sends the file it is given and
     then deletes it."""
@@ -89,7 +80,7 @@ class BundleTranslationTask(_BundleTask):
 
     def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         result, folder = self.run({**self.options(request), "input_image": str(request["image"])})
-        ((volume, sidecar),) = _volumes(result)
+        ((volume, sidecar),) = result.outputs(".nii.gz")
         return _hand_over(volume, folder), {"sidecar": sidecar}
 
 
@@ -110,7 +101,7 @@ class BundleGenerationTask(_BundleTask):
 
     def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         result, folder = self.run(self.options(request))
-        volumes = _volumes(result)
+        volumes = result.outputs(".nii.gz")
         added = [
             self.datastore.add_image(
                 volume.name.removesuffix(".nii.gz"), str(volume), {"generated_by": self.bundle_dir.name, **sidecar}
