@@ -155,8 +155,12 @@ def training(
     seed: int = 0,
     output: str | None = None,
     bundles_dir: str | None = None,
+    compile: bool = False,
 ) -> None:
-    """Time the bundle's diffusion training iterations against the seed-style step on the same batches."""
+    """Time the bundle's diffusion training iterations against the seed-style step on the same batches.
+
+    ``compile`` adds the bf16 trainer with ``torch.compile`` (its compilation, minutes on a CPU, is the warm-up).
+    """
     from tools.benchmarks.timing import set_threads
     from tools.benchmarks.training import benchmark_training, load_training_setup, training_settings, training_table
 
@@ -164,7 +168,7 @@ def training(
     root = _bundle_root(bundle, bundles_dir, "train_diffusion.json")
     set_threads(threads)
     setup = load_training_setup(root, batch_size, iterations, seed)
-    result = benchmark_training(setup, repeats)
+    result = benchmark_training(setup, repeats, compile=bool(compile))
     arguments = {
         "bundle": bundle,
         "batch_size": batch_size,
@@ -172,6 +176,7 @@ def training(
         "repeats": repeats,
         "threads": threads,
         "seed": seed,
+        "compile": bool(compile),
     }
     report = _report("training", bundle, _command("training", arguments), training_settings(setup, repeats), result)
     _finish(report, training_table(result), output)

@@ -8,9 +8,13 @@ Usage (from the repository root)::
 
     python tools/make_brain_phantoms.py --output_dir data/brain_phantoms --num_subjects 200 --size demo --seed 0
     python tools/make_brain_phantoms.py --output_dir data/brain_phantoms_full --num_subjects 20 --size full \\
-        [--num_slices 5] [--slice_step 1] [--val_fraction 0.1] [--test_fraction 0.1] [--overwrite]
+        [--num_slices 5] [--slice_step 1] [--val_fraction 0.1] [--test_fraction 0.1] [--overwrite] \\
+        [--intensity ukbiobank]
 
-``--size demo`` is 80 x 112 at 2 mm, ``--size full`` 160 x 224 at 1 mm.
+``--size demo`` is 80 x 112 at 2 mm, ``--size full`` 160 x 224 at 1 mm. ``--intensity ukbiobank`` (default)
+renders bias-field corrected images with an age-dependent T1w contrast, as UK Biobank's preprocessing gives;
+``--intensity uncorrected`` rebuilds the data sets written before that model (strong bias fields, wide contrast
+spread).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.data.brain.phantoms import PhantomGeometry, write_phantom_dataset
+from common.data.brain.phantoms import PhantomGeometry, intensity_model, write_phantom_dataset
 
 SIZES = {"demo": PhantomGeometry.demo, "full": PhantomGeometry.full}
 MIN_SUBJECTS = 3  # one each for training, validation and test
@@ -36,14 +40,16 @@ def make_brain_phantoms(
     test_fraction: float = 0.1,
     overwrite: bool = False,
     progress: bool = True,
+    intensity: str = "ukbiobank",
 ) -> str:
     """Write ``num_subjects`` phantom subjects (``num_slices`` slices each) to ``output_dir``; returns the datalist path.
 
-    Raises ``ValueError`` before writing anything for an unknown ``size``, fewer than 3 subjects, bad slice
-    settings, or a non-empty ``output_dir`` without ``overwrite``.
+    Raises ``ValueError`` before writing anything for an unknown ``size`` or ``intensity``, fewer than 3 subjects,
+    bad slice settings, or a non-empty ``output_dir`` without ``overwrite``.
     """
     if str(size) not in SIZES:
         raise ValueError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
+    intensity_model(str(intensity))
     if isinstance(num_subjects, bool) or not isinstance(num_subjects, int) or num_subjects < MIN_SUBJECTS:
         raise ValueError(
             f"num_subjects must be an integer >= {MIN_SUBJECTS} (training, validation and test each need a "
@@ -68,12 +74,13 @@ def make_brain_phantoms(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         progress=progress,
+        intensity=str(intensity),
     )
     elapsed = time.perf_counter() - start
     num = num_subjects * geometry.num_slices
     print(
         f"wrote {num} slices ({num_subjects} subjects x {geometry.num_slices}, T1w + FLAIR, "
-        f"{geometry.slice_shape[0]}x{geometry.slice_shape[1]} at {geometry.spacing_mm:g} mm) "
+        f"{geometry.slice_shape[0]}x{geometry.slice_shape[1]} at {geometry.spacing_mm:g} mm, {intensity} intensities) "
         f"in {elapsed:.1f} s; datalist: {datalist}"
     )
     return str(datalist)

@@ -1,7 +1,9 @@
 """How well can any FLAIR-to-T1w model do on a phantom data set? Measure it with the generator itself.
 
 For every subject of a split, the generator re-renders the T1w from the same anatomy (hence the same
-FLAIR) with freshly drawn T1w contrast, bias field and noise: another T1w equally consistent with the FLAIR.
+FLAIR) with freshly drawn T1w contrast, bias field and noise, from the data set's intensity model (read from its
+datalist; data sets written before the models were named used ``uncorrected``): another T1w equally consistent
+with the FLAIR.
 PSNR, MAE and MS-SSIM between it and the real T1w are what a perfect model that samples the T1w given the
 FLAIR would score; a model that predicts the T1w's conditional mean can do a little better.
 
@@ -34,7 +36,8 @@ def phantom_translation_ceiling(
         raise SystemExit(
             f"{dataset_dir} was not made by tools/make_brain_phantoms.py; the ceiling needs the generator."
         )
-    generator = BrainPhantomGenerator(PhantomGeometry(**datalist["geometry"]), seed=datalist["seed"])
+    intensity = datalist.get("intensity_model", "uncorrected")
+    generator = BrainPhantomGenerator(PhantomGeometry(**datalist["geometry"]), datalist["seed"], intensity)
     metric = PairedImageMetrics(datalist["geometry"]["slice_shape"])
     values: dict[str, list[float]] = {}
     for sid in datalist["subjects"][split]:
@@ -46,7 +49,13 @@ def phantom_translation_ceiling(
     summary = {
         name: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)} for name, v in values.items()
     }
-    result = {"split": split, "num_slices": len(values["psnr"]), "seed": seed, "metrics": summary}
+    result = {
+        "split": split,
+        "num_slices": len(values["psnr"]),
+        "seed": seed,
+        "intensity_model": intensity,
+        "metrics": summary,
+    }
     if output:
         write_json(output, result)
     return result

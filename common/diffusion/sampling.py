@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -13,12 +13,9 @@ from tqdm.auto import tqdm
 
 from common.diffusion.latent_space import ScaledLatentSpace
 from common.diffusion.schedules import SchedulerSettings
+from common.engines.precision import autocast, check_precision
 
 logger = logging.getLogger(__name__)
-
-#: Numerical precisions of the network calls while sampling.
-PRECISIONS = ("fp32", "bf16")
-
 
 SCHEDULERS = ("ddim", "ddpm")
 
@@ -92,9 +89,7 @@ class GuidedLatentSampler(Inferer):
         precision: str = "fp32",
     ) -> None:
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
-        self.precision = precision
+        self.precision = check_precision(precision)
         check_sampling_settings(
             num_inference_steps, guidance_scale, scheduler, settings.values["num_train_timesteps"], eta=eta
         )
@@ -125,7 +120,7 @@ class GuidedLatentSampler(Inferer):
         latents = noise
         steps = tqdm(self.scheduler.timesteps, desc="sampling", disable=not self.progress, leave=False)
         for t in steps:
-            with self._autocast(latents.device):
+            with autocast(self.precision, latents.device):
                 pred = self._guided_prediction(network, latents, t, scale, context, uncond_context, model_kwargs)
             pred = pred.float()
             kwargs = {"eta": self.eta} if self.scheduler_name == "ddim" else {}
@@ -139,11 +134,6 @@ class GuidedLatentSampler(Inferer):
             else:
                 latents, _ = self.scheduler.step(pred, int(t), latents, generator=generator, **kwargs)
         return latents
-
-    def _autocast(self, device: torch.device) -> AbstractContextManager:
-        if self.precision == "bf16":
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return nullcontext()
 
     def _guided_prediction(
         self,

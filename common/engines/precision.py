@@ -1,12 +1,18 @@
-"""Mixed precision: whether a run uses AMP, said out loud when the device cannot."""
+"""Numerical precision of network calls: MONAI's CUDA AMP switch, and bf16 autocast on any device that has it."""
 
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
+from monai.inferers import Inferer
 
 logger = logging.getLogger(__name__)
+
+#: Precisions of the network calls: ``fp32`` as is, ``bf16`` under bfloat16 autocast.
+PRECISIONS = ("fp32", "bf16")
 
 
 def resolve_amp(amp: bool, device: torch.device | str) -> bool:
@@ -22,3 +28,46 @@ def resolve_amp(amp: bool, device: torch.device | str) -> bool:
         logger.warning("AMP (mixed precision) was asked for, but the device is %s: running in float32.", device)
         return False
     return amp
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else ``ValueError`` naming the choices."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+    return precision
+
+
+def autocast(precision: str, device: torch.device | str) -> AbstractContextManager:
+    """The context that runs network calls in ``precision`` on ``device`` (``bf16``: bfloat16 autocast).
+
+    bf16 keeps float32's exponent range, so training needs no gradient scaler; a CPU without native bf16 runs it
+    emulated (slower, not wrong).
+    """
+    if check_precision(precision) == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class AutocastInferer(Inferer):
+    """Runs another inferer under :func:`autocast` and hands its output back in float32.
+
+    MONAI's trainers autocast only on CUDA (``amp``); wrapping ``train#inferer`` gives bf16 forward passes on a
+    CPU too, while the loss is computed in float32 and backward follows the forward's dtypes. With ``fp32`` the
+    wrapped inferer runs unchanged.
+
+    Args:
+        inferer: the inferer whose network calls are autocast (e.g. ``DiffusionInferer``).
+        precision: ``"fp32"`` or ``"bf16"``.
+    """
+
+    def __init__(self, inferer: Inferer, precision: str = "fp32") -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.precision = check_precision(precision)
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.precision == "fp32":
+            return self.inferer(inputs, network, *args, **kwargs)
+        with autocast(self.precision, inputs.device):
+            output = self.inferer(inputs, network, *args, **kwargs)
+        return output.float() if isinstance(output, torch.Tensor) else output

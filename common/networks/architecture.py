@@ -25,6 +25,7 @@ import torch
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet, PatchDiscriminator
 
 from common.io.weights import load_weights
+from common.networks.attention import default_sdpa, set_sdpa
 from common.networks.clip_model import build_small_clip
 from common.networks.embedding_context import build_embedding_conditioned_unet
 from common.networks.feature_extractors import PhantomFeatureNet
@@ -74,8 +75,12 @@ class NetworkArchitecture:
         object.__setattr__(self, "args", _plain(self.args))
 
     def build(self) -> torch.nn.Module:
-        """A freshly initialised network of this architecture, which remembers it."""
-        module = NETWORKS[self.network](**copy.deepcopy(self.args))
+        """A freshly initialised network of this architecture, which remembers it.
+
+        Where CUDA is available, MONAI attention blocks run through PyTorch's SDPA
+        (:func:`common.networks.attention.default_sdpa`).
+        """
+        module = set_sdpa(NETWORKS[self.network](**copy.deepcopy(self.args)), default_sdpa())
         module.architecture = self
         return module
 

@@ -104,6 +104,33 @@ def test_train_configs_write_checkpoints_and_tensorboard(trained, tmp_path_facto
     assert runs, "each training run keeps a resumable checkpoint"
 
 
+def test_compiled_bf16_training_runs_the_unet_in_bf16_and_exports_float32(trained, phantoms, tmp_path):
+    """``--precision bf16 --compile True``: the trainer's UNet is compiled and its forward passes run under bf16
+    autocast on a CPU; the exported weights are the plain module's, in float32."""
+    wf = workflow(
+        ["train_autoencoder.json", "train_diffusion.json"],
+        "train",
+        dataset_dir=str(phantoms),
+        model_dir=str(trained),
+        run_dir=str(tmp_path / "run"),
+        precision="bf16",
+        compile=True,
+        **TINY_LDM,
+    )
+    unet = wf.parser.get_parsed_content("network")
+    assert wf.trainer.network is not unet and wf.trainer.network._orig_mod is unet, "MONAI's trainer compiles it"
+    dtypes = []
+    unet.out.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    wf.run()
+    wf.finalize()
+    assert dtypes and set(dtypes) == {torch.bfloat16}, "training and validation forward passes in bf16"
+    assert any(not torch.equal(before[k], v) for k, v in unet.state_dict().items()), "the compiled UNet trained"
+    assert torch.isfinite(torch.as_tensor(wf.trainer.state.output["loss"])).all()
+    exported = load_weights(tmp_path / "run" / "diffusion_model.pt")["unet"]
+    assert all(v.dtype == torch.float32 for v in exported.values() if v.is_floating_point())
+
+
 def test_inference_with_trained_weights_is_deterministic(trained, tmp_path):
     outs = []
     for name in ("a", "b"):

@@ -206,13 +206,16 @@ def test_benchmark_sampling_reports_agreement_and_the_constant_tensor_guidance_o
 
 
 def training_names() -> list[str]:
-    """Training candidates: the cached-latents trainer only where this checkout has the latent cache."""
-    cached = ["bundle_cached_latents"] if bench_training.moment_keys() is not None else []
+    """Training candidates: the cached-latents trainers (fp32, bf16) only where this checkout has the latent cache."""
+    has_cache = bench_training.moment_keys() is not None
+    cached = ["bundle_cached_latents", "bundle_cached_latents_bf16"] if has_cache else []
     return [*cached, "bundle_encoding", "seed_style", "encode_only"]
 
 
 def _training_setup():
     from monai.inferers import DiffusionInferer
+
+    from common.engines.precision import AutocastInferer
 
     prompt_encoder = make_prompt_encoder()
     latent_space = ScaledLatentSpace(make_autoencoder(), scale_factor=0.5)
@@ -220,7 +223,7 @@ def _training_setup():
     return bench_training.TrainingSetup(
         network=make_unet(),
         prepare_batch=LatentDiffusionPrepareBatch(latent_space, prompt_encoder, scheduler),
-        inferer=DiffusionInferer(scheduler),
+        inferer=AutocastInferer(DiffusionInferer(scheduler), "fp32"),  # as train#inferer
         loss_function=torch.nn.MSELoss(),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4),
         amp=False,
@@ -247,6 +250,7 @@ def test_training_candidates_train_their_own_copies_on_the_same_batches():
     before = {k: v.clone() for k, v in setup.network.state_dict().items()}
     result = bench_training.benchmark_training(setup, repeats=1)
     assert result["order"] == training_names()
+    assert set(result["warmup_seconds"]) == set(result["order"]), "warm-ups (a compilation) are reported apart"
     assert result["candidates"]["seed_style"]["time_ratio"] == 1.0
     assert CANDIDATE_KEYS <= set(result["candidates"]["bundle_encoding"])
     for key, value in setup.network.state_dict().items():  # the shared initial network is never trained
@@ -304,7 +308,9 @@ def test_training_command_writes_the_json_report(tmp_path, monkeypatch, thread_e
     output = tmp_path / "training.json"
     benchmark.training(bundle="brain_t1_ldm", batch_size=3, iterations=2, repeats=1, output=str(output))
     report = _check_report(output, "training", training_names(), 1)
+    bf16 = report["agreement"].pop("bundle_cached_latents_bf16")["loss_abs_diff_vs_seed_style"]
     assert all(a["loss_abs_diff_vs_seed_style"] < 1e-6 for a in report["agreement"].values())
+    assert bf16 < 0.05, "bf16 autocast: the same objective up to its rounding"
     assert report["settings"]["batch_size"] == 3 and report["settings"]["iterations"] == 2
 
 
@@ -333,3 +339,6 @@ def test_the_shipped_training_configs_load_and_match_the_seed_objective():
     setup = bench_training.load_training_setup(benchmark.REPO_BUNDLES / "brain_t1_ldm", batch_size=2, iterations=1)
     assert setup.batches[0]["image"].shape[0] == 2 and setup.batches[0]["input_ids"].shape == (2, 77)
     assert bench_training.loss_agreement(setup, setup.batches[0]) < 1e-6
+    bf16 = bench_training.bf16_inferer(setup)
+    assert bf16 is not None and bf16.precision == "bf16", "the config's precision option gives the bf16 candidate"
+    assert bench_training.loss_agreement(setup, setup.batches[0], inferer=bf16) < 0.05

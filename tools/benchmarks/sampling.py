@@ -77,7 +77,8 @@ class SamplingSetup:
         prepare_batch: the bundle's ``PromptSamplingPrepareBatch``.
         batch: collated sample requests: ``noise`` ``(B, c, h, w)``, ``prompt`` (B strings), ``seed`` ``(B,)``, and
             ``condition`` ``(B, 1, H, W)`` for a ControlNet.
-        denoise: the same network call written plainly, for the anchor loops.
+        denoise: the same network call written plainly, for the anchor loops, on copies of the networks with
+            MONAI's default attention (:func:`monai_default_attention`).
         settings: the training noise schedule (from the diffusion weights).
         extra: further facts for the report (image size, prompt).
     """
@@ -99,6 +100,17 @@ class SamplingSetup:
         """The bundle's sampler inputs, fresh (its per-sample generators are state): noise and keyword arguments."""
         noise, _, _, kwargs = self.prepare_batch(self.batch, torch.device("cpu"))
         return noise, kwargs
+
+
+def monai_default_attention(network: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``network`` with attention as MONAI builds it by default (einsums, ``use_flash_attention`` False),
+    as the anchors' code has it; the bundle's own networks run attention through SDPA where the checkout does."""
+    network = copy.deepcopy(network).eval()
+    try:
+        from common.networks.attention import set_sdpa
+    except ImportError:  # a checkout from before SDPA: its networks already use MONAI's default
+        return network
+    return set_sdpa(network, enabled=False)
 
 
 def unet_denoiser(unet: torch.nn.Module) -> Denoiser:
@@ -423,9 +435,12 @@ def load_sampling_setup(
     items = [{**requests[i % len(requests)], "seed": int(seed) + i} for i in range(int(num_samples))]
     batch = default_collate([preprocessing(item) for item in items])
     if isinstance(sampler, ControlNetGuidedSampler):
-        denoise = controlnet_denoiser(network, sampler.diffusion_model, batch["condition"], sampler.conditioning_scale)
+        base = monai_default_attention(sampler.diffusion_model)
+        denoise = controlnet_denoiser(
+            monai_default_attention(network), base, batch["condition"], sampler.conditioning_scale
+        )
     else:
-        denoise = unet_denoiser(network)
+        denoise = unet_denoiser(monai_default_attention(network))
     return SamplingSetup(
         bundle=root.name,
         sampler=sampler,

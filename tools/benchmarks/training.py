@@ -10,11 +10,14 @@ Candidates (each a call ``() -> None`` that makes one pass over the same prepare
   images and encodes them with the frozen autoencoder at every step; ``bundle_cached_latents`` (where the checkout
   has the latent cache, ``common.diffusion.latent_cache``) gets the posterior moments the cache stores, computed
   once before timing, and draws latents from them. Which one the bundle's config uses is ``cache_latents``.
+* ``bundle_cached_latents_bf16`` (where the config has ``precision``): the same with ``--precision bf16``, the
+  network's forward passes under bf16 autocast (``common.engines.precision.AutocastInferer``).
 * ``seed_style`` (the baseline): the source article's training step (``train_epoch_ldm`` of its public code): timesteps, encode
   with the frozen autoencoder, run the text encoder on the tokenised prompts, noise, ``add_noise``, UNet,
   v-prediction target, MSE, backward, ``AdamW`` step. As there, the text encoder is not frozen (only left out of
   the optimiser), so backward also runs through it. Its CUDA autocast and grad scaler are off on a CPU. Prompts
-  are tokenised beforehand, as its data loader does.
+  are tokenised beforehand, as its data loader does. Its UNet has MONAI's default attention (einsums), as the
+  article's code builds it; the bundle's trainers run attention through SDPA (``common.networks.attention``).
 * ``encode_only`` (not a training step): the frozen autoencoder's encoding of the same batches, which both steps
   do every iteration; its ratio to ``seed_style`` is the share of a step that cached latents would remove.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from monai.engines import SupervisedTrainer
 
 from common.networks.tokenizer import tokenize_prompts
+from tools.benchmarks.sampling import monai_default_attention
 from tools.benchmarks.timing import markdown_table, run_interleaved, summarize
 
 BASELINE = "seed_style"
@@ -143,8 +148,29 @@ def seed_style_step(
     return loss.detach()
 
 
-def bundle_trainer(setup: TrainingSetup, network: torch.nn.Module, batches: list[dict[str, Any]]) -> SupervisedTrainer:
-    """The bundle's ``SupervisedTrainer`` (as ``train#trainer``), on ``batches`` and without handlers."""
+def bf16_inferer(setup: TrainingSetup) -> Any | None:
+    """The bundle's training inferer with ``--precision bf16`` (where the checkout's config has the option), else None."""
+    try:
+        from common.engines.precision import AutocastInferer
+    except ImportError:  # a checkout from before the option
+        return None
+    if not isinstance(setup.inferer, AutocastInferer) or setup.inferer.precision != "fp32":
+        return None
+    return AutocastInferer(setup.inferer.inferer, "bf16")
+
+
+def bundle_trainer(
+    setup: TrainingSetup,
+    network: torch.nn.Module,
+    batches: list[dict[str, Any]],
+    inferer: Any = None,
+    compile: bool = False,
+) -> SupervisedTrainer:
+    """The bundle's ``SupervisedTrainer`` (as ``train#trainer``), on ``batches`` and without handlers.
+
+    ``inferer`` replaces the config's ``train#inferer`` (the bf16 candidate); ``compile`` is the config's
+    ``--compile`` (MONAI's trainer compiles the network with ``torch.compile``).
+    """
     return SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=1,
@@ -153,9 +179,10 @@ def bundle_trainer(setup: TrainingSetup, network: torch.nn.Module, batches: list
         optimizer=setup.optimizer(network.parameters()),
         loss_function=setup.loss_function,
         prepare_batch=setup.prepare_batch,
-        inferer=setup.inferer,
+        inferer=setup.inferer if inferer is None else inferer,
         amp=setup.amp,
         decollate=False,
+        compile=compile,
     )
 
 
@@ -188,15 +215,17 @@ def cached_moment_batches(setup: TrainingSetup) -> list[dict[str, Any]] | None:
     return batches
 
 
-def training_candidates(setup: TrainingSetup) -> dict[str, Callable[[], None]]:
+def training_candidates(setup: TrainingSetup, compile: bool = False) -> dict[str, Callable[[], None]]:
     """One pass each over the same batches: the bundle's trainer (from cached latent moments where the checkout can,
     and encoding images at every step), the seed-style step, and the frozen encoding alone.
 
-    Each training candidate trains its own UNet copy with its own optimiser.
+    Each training candidate trains its own UNet copy with its own optimiser. ``compile`` adds
+    ``bundle_cached_latents_bf16_compiled``: the bf16 trainer with ``--compile True`` (compiled in its untimed
+    warm-up call).
     """
     latent_space = setup.prepare_batch.latent_space
     scheduler = setup.prepare_batch.scheduler
-    model = copy.deepcopy(setup.network)
+    model = monai_default_attention(setup.network).train()  # the seed code's UNet: MONAI's default attention
     optimizer = setup.optimizer(model.parameters())
     text_encoder = seed_text_encoder(setup)
     candidates: dict[str, Callable[[], None]] = {}
@@ -204,6 +233,13 @@ def training_candidates(setup: TrainingSetup) -> dict[str, Callable[[], None]]:
     # Ignite restarts a finished run from its first iteration: ``run`` is one pass over the batches.
     if cached is not None:
         candidates["bundle_cached_latents"] = bundle_trainer(setup, copy.deepcopy(setup.network), cached).run
+        bf16 = bf16_inferer(setup)
+        if bf16 is not None:  # the config's --precision bf16
+            trainer = bundle_trainer(setup, copy.deepcopy(setup.network), cached, inferer=bf16)
+            candidates["bundle_cached_latents_bf16"] = trainer.run
+            if compile:
+                trainer = bundle_trainer(setup, copy.deepcopy(setup.network), cached, inferer=bf16, compile=True)
+                candidates["bundle_cached_latents_bf16_compiled"] = trainer.run
     candidates["bundle_encoding"] = bundle_trainer(setup, copy.deepcopy(setup.network), setup.batches).run
 
     def seed() -> None:
@@ -221,17 +257,19 @@ def training_candidates(setup: TrainingSetup) -> dict[str, Callable[[], None]]:
     return candidates
 
 
-def loss_agreement(setup: TrainingSetup, batch: dict[str, Any], seed: int = 0) -> float:
+def loss_agreement(setup: TrainingSetup, batch: dict[str, Any], seed: int = 0, inferer: Any = None) -> float:
     """``|bundle loss - seed-style loss|`` on ``batch``, with the latents, noise and timesteps the bundle drew.
 
     A check that the two compute the same training objective (v target, noising, context) before timing; ``batch``
     is one of ``setup.batches`` or its cached-moments form (the seed-style side reads the token ids of the first).
+    ``inferer`` replaces the bundle's (the bf16 candidate: the difference is then its rounding).
     """
     network = copy.deepcopy(setup.network).train()
     torch.manual_seed(seed)
     latents, target, _, kwargs = setup.prepare_batch(batch, torch.device("cpu"))
     with torch.no_grad():
-        bundle_loss = setup.loss_function(setup.inferer(latents, network, **kwargs), target).mean()
+        inferer = setup.inferer if inferer is None else inferer
+        bundle_loss = setup.loss_function(inferer(latents, network, **kwargs), target).mean()
         seed_loss = seed_style_loss(
             network,
             seed_text_encoder(setup),
@@ -244,21 +282,32 @@ def loss_agreement(setup: TrainingSetup, batch: dict[str, Any], seed: int = 0) -
     return float((bundle_loss - seed_loss).abs())
 
 
-def benchmark_training(setup: TrainingSetup, repeats: int) -> dict[str, Any]:
-    """Check the losses agree, warm every candidate up once, then time ``repeats`` interleaved rounds (per image)."""
+def benchmark_training(setup: TrainingSetup, repeats: int, compile: bool = False) -> dict[str, Any]:
+    """Check the losses agree, warm every candidate up once, then time ``repeats`` interleaved rounds (per image).
+
+    The warm-up calls are timed apart (``warmup_seconds``): they hold a compiled candidate's compilation.
+    """
     agreement = {"bundle_encoding": {"loss_abs_diff_vs_seed_style": loss_agreement(setup, setup.batches[0])}}
     cached = cached_moment_batches(setup)
     if cached is not None:
         agreement["bundle_cached_latents"] = {"loss_abs_diff_vs_seed_style": loss_agreement(setup, cached[0])}
-    candidates = training_candidates(setup)
-    for run in candidates.values():
+        bf16 = bf16_inferer(setup)
+        if bf16 is not None:
+            diff = loss_agreement(setup, cached[0], inferer=bf16)
+            agreement["bundle_cached_latents_bf16"] = {"loss_abs_diff_vs_seed_style": diff}
+    candidates = training_candidates(setup, compile=compile)
+    warmup = {}
+    for name, run in candidates.items():
+        start = time.perf_counter()
         run()
+        warmup[name] = round(time.perf_counter() - start, 3)
     trials = run_interleaved(candidates, repeats)
     return {
         "order": list(candidates),
         "baseline": BASELINE,
         "memory_method": trials[0].memory_method,
         "agreement": agreement,
+        "warmup_seconds": warmup,
         "candidates": summarize(trials, setup.images_per_call, BASELINE),
     }
 
@@ -308,8 +357,9 @@ def optimizer_factory(parser: Any) -> Callable[[Any], torch.optim.Optimizer]:
 def load_training_setup(bundle_root: str | Path, batch_size: int, iterations: int, seed: int = 0) -> TrainingSetup:
     """The bundle's diffusion training parts, built by its ``train_autoencoder.json`` + ``train_diffusion.json``.
 
-    The shipped demo autoencoder and text encoder are loaded as training would; the UNet is the config's declaration,
-    freshly initialised; the latent scale factor is the shipped diffusion weights' (training would fit it first).
+    The shipped demo autoencoder and text encoder are loaded as training would; the UNet is the config's declaration
+    holding the shipped UNet's weights (as when fine-tuning: a fresh UNet's zero-initialised output layer would make
+    the loss checks vacuous; a step costs the same); the latent scale factor is the shipped diffusion weights'.
     """
     from monai.bundle import ConfigParser
 
@@ -327,6 +377,7 @@ def load_training_setup(bundle_root: str | Path, batch_size: int, iterations: in
     prepare_batch = parser.get_parsed_content("prepare_batch")
     torch.manual_seed(seed)
     network = parser.get_parsed_content("network_def")
+    network.load_state_dict(diffusion["unet"])
     batches = make_batches(
         iterations, batch_size, parser.get_parsed_content("image_size"), prepare_batch.prompt_encoder.tokenizer, seed
     )

@@ -23,8 +23,10 @@ inside the ``nilearn`` wheel; nothing is downloaded. Every subject is a determin
 3. **Contrast.** T1w and FLAIR are rendered from the *same* deformed partial-volume maps (CSF, GM, WM, WMH):
    T1w WM > GM > CSF (WMH slightly dark); FLAIR GM > WM > CSF (CSF suppressed), WMH brightest. Tissue
    intensities are jittered per subject, each contrast gets its own smooth multiplicative bias field
-   (exponential of a random quadratic polynomial) and Rician noise. Outside the intracranial mask the images
-   are 0 (skull-stripped, like UK Biobank ``T1_brain_to_MNI``).
+   (exponential of a random quadratic polynomial) and Rician noise. The :class:`IntensityModel` sets how much:
+   the default ``ukbiobank`` leaves the residual field of a bias-corrected image and a T1w grey/white contrast
+   that fades with age and varies little between subjects. Outside the intracranial mask the images are 0
+   (skull-stripped, like UK Biobank ``T1_brain_to_MNI``).
 4. **Slices.** Only the output slices are computed: the maps are sampled with
    :func:`scipy.ndimage.map_coordinates` at the output voxel centres. At spacings above 1 mm the template maps
    are first blurred to the larger voxel (box point-spread function) and every edge that atrophy and lesions add
@@ -68,13 +70,16 @@ from common.io.atomic import atomic_path, write_json
 
 __all__ = [
     "AGE_RANGE",
+    "INTENSITY_MODELS",
     "VENTRICLE_LARGE_MIN_ML",
     "VENTRICLE_SMALL_MAX_ML",
     "BrainPhantomGenerator",
+    "IntensityModel",
     "PhantomGeometry",
     "PhantomParameters",
     "PhantomSubject",
     "build_caption",
+    "intensity_model",
     "subject_id",
     "ventricle_size_word",
     "write_phantom_dataset",
@@ -447,25 +452,64 @@ _WMH_PATCH_BOX = ((-80.0, 80.0), (-120.0, 90.0), (-30.0, 80.0))
 _WMH_PATCH_SPACING = 12.0
 
 
-BIAS_STD = 0.07  # std of the bias field's polynomial coefficients
 T1_NOISE_RANGE = (0.01, 0.03)  # Rician noise sigma of T1w, before normalisation
 
 
-def _draw_t1_intensity(rng: np.random.Generator) -> dict[str, float]:
-    """T1w tissue intensities of one subject (WM > GM > CSF; WMH near GM)."""
-    t1 = {"csf": rng.uniform(0.12, 0.25), "gm": rng.uniform(0.50, 0.62), "wm": rng.uniform(0.82, 0.95)}
-    t1["wmh"] = t1["gm"] * rng.uniform(0.95, 1.1)
-    return t1
+@dataclass(frozen=True)
+class IntensityModel:
+    """How intensities vary between subjects after preprocessing: the bias field left, the T1w tissue contrast.
+
+    ``bias_std`` is the standard deviation of the bias field's quadratic polynomial coefficients (both contrasts).
+    With ``age_contrast`` the T1w grey/white ratio rises with age (grey-white contrast fades, Salat et al. 2009)
+    and varies little between subjects, as after bias-field correction and intensity normalisation; without it,
+    every tissue intensity is drawn independently in wide ranges.
+    """
+
+    name: str
+    bias_std: float
+    age_contrast: bool
+
+    def draw_t1(self, rng: np.random.Generator, age: float) -> dict[str, float]:
+        """T1w tissue intensities of one subject (WM > GM > CSF; WMH near GM); four draws from ``rng``."""
+        if not self.age_contrast:
+            t1 = {"csf": rng.uniform(0.12, 0.25), "gm": rng.uniform(0.50, 0.62), "wm": rng.uniform(0.82, 0.95)}
+            t1["wmh"] = t1["gm"] * rng.uniform(0.95, 1.1)
+            return t1
+        a = float(np.clip((age - AGE_RANGE[0]) / (AGE_RANGE[1] - AGE_RANGE[0]), 0.0, 1.0))
+        wm = rng.uniform(0.87, 0.93)
+        gm = wm * (0.60 + 0.06 * a + rng.uniform(-0.03, 0.03))
+        csf = wm * rng.uniform(0.16, 0.26)
+        return {"csf": csf, "gm": gm, "wm": wm, "wmh": gm * rng.uniform(0.95, 1.1)}
+
+
+#: Intensity models by name. ``ukbiobank`` (the default) resembles UK Biobank's preprocessed ``T1_brain_to_MNI``
+#: and ``T2_FLAIR`` images: bias-field corrected (FAST), so only a residual field is left (coefficient s.d. 0.015,
+#: a few per cent across the brain), and an age-dependent T1w contrast with a small spread between subjects.
+#: ``uncorrected`` is the model of the data sets written before it (bias coefficient s.d. 0.07, tissue intensities
+#: drawn independently), kept so that those data sets can be rebuilt and their ceilings measured.
+INTENSITY_MODELS = {
+    "ukbiobank": IntensityModel("ukbiobank", bias_std=0.015, age_contrast=True),
+    "uncorrected": IntensityModel("uncorrected", bias_std=0.07, age_contrast=False),
+}
+
+
+def intensity_model(name: str) -> IntensityModel:
+    """The :data:`INTENSITY_MODELS` entry ``name``; ``ValueError`` naming the choices otherwise."""
+    if name not in INTENSITY_MODELS:
+        raise ValueError(f"unknown intensity model {name!r}: choose one of {', '.join(INTENSITY_MODELS)}")
+    return INTENSITY_MODELS[name]
 
 
 class BrainPhantomGenerator:
-    """Deterministic synthetic subjects: ``BrainPhantomGenerator(geometry, seed).subject(i)``.
+    """Deterministic synthetic subjects: ``BrainPhantomGenerator(geometry, seed, intensity).subject(i)``.
 
     The same ``(seed, index)`` always gives the same subject, whatever the order of the calls or the geometry's
-    number of slices (the anatomy does not depend on the geometry; only the noise does).
+    number of slices (the anatomy does not depend on the geometry; only the noise does). The anatomy does not
+    depend on ``intensity`` (an :data:`INTENSITY_MODELS` name) either: its random stream is separate.
     """
 
-    def __init__(self, geometry: PhantomGeometry, seed: int = 0):
+    def __init__(self, geometry: PhantomGeometry, seed: int = 0, intensity: str = "ukbiobank"):
+        self.intensity = intensity_model(intensity)
         if not isinstance(geometry, PhantomGeometry):
             raise TypeError(f"geometry must be a PhantomGeometry, got {type(geometry).__name__}")
         self.geometry = geometry
@@ -520,14 +564,14 @@ class BrainPhantomGenerator:
         radius = max_radius * np.clip((age - onsets) / 15.0, 0.0, 1.0)
         lesions = np.concatenate([centres, radius[:, None]], axis=1)
 
-        t1 = _draw_t1_intensity(contrast)
+        t1 = self.intensity.draw_t1(contrast, age)
         flair = {
             "csf": contrast.uniform(0.04, 0.12),
             "gm": contrast.uniform(0.66, 0.78),
             "wm": contrast.uniform(0.48, 0.58),
             "wmh": contrast.uniform(1.05, 1.3),
         }
-        bias = contrast.normal(0.0, BIAS_STD, (2, 9))
+        bias = contrast.normal(0.0, self.intensity.bias_std, (2, 9))
         noise_sigma = np.array([contrast.uniform(*T1_NOISE_RANGE), contrast.uniform(0.015, 0.03)])
         return PhantomParameters(
             age=age,
@@ -659,7 +703,7 @@ class BrainPhantomGenerator:
         p = self.parameters(index)
         tissue, centres = self._slice_tissue(p)
         rng = np.random.default_rng([int(seed), int(index)])
-        t1, bias = _draw_t1_intensity(rng), rng.normal(0.0, BIAS_STD, 9)
+        t1, bias = self.intensity.draw_t1(rng, p.age), rng.normal(0.0, self.intensity.bias_std, 9)
         sigma = rng.uniform(*T1_NOISE_RANGE)
         return self._render(tissue, t1, bias, sigma, tissue["mask"] >= 0.5, centres, rng)
 
@@ -737,24 +781,26 @@ def write_phantom_dataset(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     progress: bool = True,
+    intensity: str = "ukbiobank",
 ) -> Path:
     """Write ``num_subjects`` phantoms as 2D NIfTI slices and a MONAI decathlon-style ``datalist.json``.
 
     Files: ``output_dir/images/sub-0007_slice-2_T1w.nii.gz`` and ``..._FLAIR.nii.gz`` (H, W) float32 with the
     slice's MNI affine; ``output_dir/datalist.json`` with ``training`` / ``validation`` / ``test`` lists split
     by subject (deterministic from ``seed``), one entry per slice with relative image paths, the caption and the
-    ground-truth facts. Every file is written atomically; stale phantom images of an earlier run in
+    ground-truth facts; ``intensity`` names the :data:`INTENSITY_MODELS` entry (recorded in the datalist). Every file is written atomically; stale phantom images of an earlier run in
     ``images/`` are removed. Returns the datalist path.
     """
     from tqdm.auto import tqdm
 
     num_subjects = int(num_subjects)
+    intensity_model(intensity)  # an unknown name fails before anything is written
     if num_subjects < 1:
         raise ValueError(f"num_subjects must be >= 1, got {num_subjects}")
     output_dir = Path(output_dir)
     splits = split_generated_subjects(num_subjects, val_fraction, test_fraction, seed, noun="subjects")
     split_of = {i: name for name, ids in splits.items() for i in ids}
-    generator = BrainPhantomGenerator(geometry, seed=seed)
+    generator = BrainPhantomGenerator(geometry, seed=seed, intensity=intensity)
     image_dir = output_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     entries: dict[str, list] = {"training": [], "validation": [], "test": []}
@@ -796,6 +842,7 @@ def write_phantom_dataset(
         "generator": "common.data.brain_phantoms",
         "geometry": geometry.to_dict(),
         "seed": int(seed),
+        "intensity_model": intensity,
         "num_subjects": num_subjects,
         "modality": {"image": "T1w", "flair": "FLAIR"},
         "ventricle_thresholds_ml": {"small_max": VENTRICLE_SMALL_MAX_ML, "large_min": VENTRICLE_LARGE_MIN_ML},

@@ -1,4 +1,4 @@
-"""common.engines.precision: AMP is used where the device has it, and a request it cannot honour is said."""
+"""common.engines.precision: AMP where the device has it (a request it cannot honour is said), bf16 autocast anywhere."""
 
 from __future__ import annotations
 
@@ -22,3 +22,50 @@ def test_amp_kept_on_cuda_devices():
 def test_amp_must_be_a_boolean():
     with pytest.raises(ValueError, match="--amp True"):
         resolve_amp("true", "cpu")
+
+
+class _Recorder(torch.nn.Module):
+    """A linear layer that records the dtype its output was computed in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+        self.dtypes: list[torch.dtype] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        self.dtypes.append(y.dtype)
+        return y
+
+
+def test_autocast_inferer_runs_the_network_in_bf16_and_hands_back_float32():
+    from monai.inferers import SimpleInferer
+
+    from common.engines.precision import AutocastInferer
+
+    torch.manual_seed(0)
+    net, x = _Recorder(), torch.randn(4, 8)
+    reference = SimpleInferer()(x, net)
+    fp32 = AutocastInferer(SimpleInferer(), "fp32")(x, net)
+    assert torch.equal(fp32, reference), "fp32 leaves the wrapped inferer untouched"
+    out = AutocastInferer(SimpleInferer(), "bf16")(x, net)
+    assert net.dtypes == [torch.float32, torch.float32, torch.bfloat16]
+    assert out.dtype == torch.float32 and torch.allclose(out, reference, atol=0.05)
+    assert 0 < (out - reference).abs().max() < 0.05, "bf16 rounding, not an identical float32 result"
+
+    # training through it: float32 loss, gradients reach float32 parameters
+    loss = torch.nn.functional.mse_loss(AutocastInferer(SimpleInferer(), "bf16")(x, net), torch.zeros(4, 8))
+    loss.backward()
+    assert loss.dtype == torch.float32 and net.linear.weight.grad.dtype == torch.float32
+    assert net.linear.weight.grad.abs().sum() > 0
+
+
+def test_unknown_precision_is_refused_with_the_choices():
+    from monai.inferers import SimpleInferer
+
+    from common.engines.precision import AutocastInferer, autocast
+
+    with pytest.raises(ValueError, match="Unknown precision 'fp16': use one of fp32, bf16"):
+        AutocastInferer(SimpleInferer(), "fp16")
+    with pytest.raises(ValueError, match="Unknown precision"):
+        autocast("half", "cpu")

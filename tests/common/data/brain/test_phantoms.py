@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from common.data.brain.phantoms import (
     VENTRICLE_LARGE_MIN_ML,
@@ -104,10 +105,12 @@ def test_older_means_larger_ventricles(demo):
     assert all(b >= a for a, b in zip(wmh, wmh[1:], strict=False)) and wmh[-1] > 0, wmh
     csf = [s.tissue["csf"].sum() for s in older]  # ventricles and sulci grow in the rendered slices too
     assert all(b > a for a, b in zip(csf, csf[1:], strict=False)), csf
-    # only the age changed: same deformation and contrast draws
+    # only the age changed: same deformation and contrast draws (the T1w contrast follows age, the rest does not)
     p50, p80 = (demo.parameters(2, age=a) for a in (50.0, 80.0))
     np.testing.assert_array_equal(p50.displacement_ctrl, p80.displacement_ctrl)
-    assert p50.t1_intensity == p80.t1_intensity
+    np.testing.assert_array_equal(p50.bias_coefficients, p80.bias_coefficients)
+    assert p50.flair_intensity == p80.flair_intensity
+    assert p50.t1_intensity["wm"] == p80.t1_intensity["wm"] and p50.t1_intensity["csf"] == p80.t1_intensity["csf"]
 
 
 def test_captions():
@@ -212,3 +215,55 @@ def test_translation_ceiling_tool(tmp_path):
     assert result["num_slices"] >= 1 and json.loads((tmp_path / "ceiling.json").read_text()) == result
     m = result["metrics"]
     assert 10 < m["psnr"]["mean"] < 60 and 0 < m["mae"]["mean"] < 0.5 and 0.5 < m["ms_ssim"]["mean"] < 1
+
+
+def test_intensity_models_keep_anatomy_and_set_bias_and_contrast():
+    from common.metrics.paired import PairedImageMetrics
+
+    geometry = PhantomGeometry.demo(num_slices=1)
+    ukb = BrainPhantomGenerator(geometry, seed=0)
+    raw = BrainPhantomGenerator(geometry, seed=0, intensity="uncorrected")
+    assert ukb.intensity.name == "ukbiobank", "UK Biobank-like preprocessing is the default"
+    a, b = ukb.subject(2), raw.subject(2)
+    assert a.captions == b.captions and a.facts == b.facts
+    for key in a.tissue:
+        np.testing.assert_array_equal(a.tissue[key], b.tissue[key])
+    assert not np.array_equal(a.t1, b.t1)
+    assert np.abs(ukb.parameters(2).bias_coefficients).max() < np.abs(raw.parameters(2).bias_coefficients).max()
+
+    # grey-white contrast fades with age: same random draws, older age, higher GM/WM ratio
+    young, old = ukb.parameters(2, age=50).t1_intensity, ukb.parameters(2, age=80).t1_intensity
+    assert young["gm"] / young["wm"] < old["gm"] / old["wm"]
+    ratios = [ukb.parameters(i, age=65).t1_intensity for i in range(20)]
+    assert np.std([r["gm"] / r["wm"] for r in ratios]) < 0.03, "small contrast spread between subjects"
+
+    # a corrected image leaves less of the T1w undetermined by the anatomy: higher translation ceiling
+    metric = PairedImageMetrics((80, 112))
+
+    def ceiling(generator):
+        real = np.concatenate([generator.subject(i).t1 for i in range(4)])[:, None]
+        redrawn = np.concatenate([generator.resample_t1(i, seed=1) for i in range(4)])[:, None]
+        return float(metric(torch.from_numpy(redrawn), torch.from_numpy(real))["psnr"].mean())
+
+    assert ceiling(ukb) > ceiling(raw) + 1.5
+
+    with pytest.raises(ValueError, match="unknown intensity model 'ukb'.*ukbiobank, uncorrected"):
+        BrainPhantomGenerator(geometry, intensity="ukb")
+
+
+def test_intensity_model_is_recorded_and_read_by_the_ceiling(tmp_path):
+    from tools.phantom_translation_ceiling import phantom_translation_ceiling
+
+    geometry = PhantomGeometry.demo(num_slices=1)
+    with pytest.raises(ValueError, match="unknown intensity model"):
+        make_brain_phantoms.make_brain_phantoms(output_dir=str(tmp_path / "bad"), num_subjects=3, intensity="x")
+    assert not (tmp_path / "bad").exists()
+    path = write_phantom_dataset(tmp_path, 6, geometry, seed=0, progress=False, intensity="uncorrected")
+    data = json.loads(path.read_text())
+    assert data["intensity_model"] == "uncorrected"
+    result = phantom_translation_ceiling(str(tmp_path), split="training")
+    assert result["intensity_model"] == "uncorrected"
+    # data sets written before the models had names have no key: they were uncorrected
+    del data["intensity_model"]
+    path.write_text(json.dumps(data))
+    assert phantom_translation_ceiling(str(tmp_path), split="training") == result
