@@ -77,8 +77,9 @@ STANDARD_OPTIONS: dict[str, dict[str, Any]] = {
         "help": "CPU threads (None: one per core; 1 is faster on a small machine busy with other work)",
     },
     "precision": {
-        "schema": {"enum": ["fp32", "bf16"]},
-        "help": "precision of the network calls while sampling or training (bf16: autocast, faster where the device has bf16)",
+        "schema": {"enum": ["auto", "fp32", "bf16"]},
+        "help": "precision of the network calls while sampling or training (bf16: autocast; auto: bf16 where the "
+        "device has native bf16, else fp32)",
     },
     "compile": {
         "schema": _BOOL,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +14,10 @@ logger = logging.getLogger(__name__)
 
 #: Precisions of the network calls: ``fp32`` as is, ``bf16`` under bfloat16 autocast.
 PRECISIONS = ("fp32", "bf16")
+#: What a config's ``precision`` may say: a precision, or ``auto`` (:func:`resolve_precision`).
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+#: CPU flags of native bf16 arithmetic (without them oneDNN emulates bf16, slower than fp32).
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 def resolve_amp(amp: bool, device: torch.device | str) -> bool:
@@ -34,6 +39,42 @@ def check_precision(precision: str) -> str:
     """``precision`` if it is one of :data:`PRECISIONS`, else ``ValueError`` naming the choices."""
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+    return precision
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes in bf16 natively: a CUDA device that supports it, or a CPU with
+    :data:`NATIVE_BF16_CPU_FLAGS`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``precision``, with ``auto`` made ``bf16`` where ``device`` has native bf16 (:func:`native_bf16`), else
+    ``fp32``; ``ValueError`` naming the choices for anything else. Configs record the resolved value."""
+    if precision == "auto":
+        resolved = "bf16" if native_bf16(device) else "fp32"
+        logger.info("precision auto: %s on %s", resolved, torch.device(device))
+        return resolved
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISION_CHOICES)}.")
     return precision
 
 

@@ -330,6 +330,9 @@ def test_the_shipped_bundle_loads_and_its_baselines_agree():
     )
     outputs = {name: run() for name, run in bench_sampling.sampling_candidates(setup).items()}
     bf16 = outputs.pop("bundle_bf16")
+    # the config's own 50 steps, not the benchmark's 2: what a run without options computes
+    default = outputs.pop("bundle_default")
+    assert default.shape == outputs["bundle"].shape and torch.isfinite(default).all()
     for images in outputs.values():
         assert bench_sampling.max_abs_difference(images, outputs["bundle"]) <= bench_sampling.SAME_IMAGE_ATOL
     assert bench_sampling.max_abs_difference(bf16, outputs["bundle"]) < 0.05  # bf16 autocast: close, not equal

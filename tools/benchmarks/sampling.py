@@ -5,6 +5,10 @@ Candidates (each a call ``() -> images (B, 1, H, W)``):
 * ``bundle``: what ``configs/inference.json`` runs per batch: the bundle's ``prepare_batch`` (prompt contexts,
   one generator per sample) then its ``inferer`` (``GuidedLatentSampler`` / ``ControlNetGuidedSampler``), which
   batches ``[uncond, cond]`` through the network once per step and decodes. Writing the images is left out.
+  It runs the benchmark's ``--steps`` in float32: the reference the anchors' images are checked against.
+* ``bundle_bf16``: the same sampler with ``--precision bf16``.
+* ``bundle_default`` (where ``inference.json``'s defaults are not float32 at ``--steps``): the bundle's sampler
+  as the config runs it without options, its own ``num_inference_steps`` and ``precision``.
 * ``zoo_batched``: the MONAI Model Zoo CXR bundle's loop (``scripts/sampler.py`` of
   ``cxr_image_synthesis_latent_diffusion_model``): ``[x, x]`` with ``[uncond, cond]`` contexts through the
   network once per step, timesteps ``torch.Tensor((t,)).long()``, guidance, ``scheduler.step``, decode. It always
@@ -56,7 +60,7 @@ def calls_per_step(name: str, guidance: float) -> str:
     """
     if name == "seed_two_call":
         return "2 x B"
-    if name in ("bundle", "bundle_bf16", "monai_inferer") and guidance in (0.0, 1.0):
+    if name in ("bundle", "bundle_bf16", "bundle_default", "monai_inferer") and guidance in (0.0, 1.0):
         return "1 x B"
     return "1 x 2B"
 
@@ -81,6 +85,9 @@ class SamplingSetup:
             MONAI's default attention (:func:`monai_default_attention`).
         settings: the training noise schedule (from the diffusion weights).
         extra: further facts for the report (image size, prompt).
+        default_sampler: the bundle's sampler with the config's own ``num_inference_steps`` and ``precision``
+            where those differ from the benchmark's (``sampler`` runs the benchmark's steps in float32, the
+            reference the anchors' images are checked against); ``None`` where they are the same.
     """
 
     bundle: str
@@ -91,6 +98,7 @@ class SamplingSetup:
     denoise: Denoiser
     settings: SchedulerSettings
     extra: dict[str, Any] = field(default_factory=dict)
+    default_sampler: GuidedLatentSampler | None = None
 
     @property
     def num_samples(self) -> int:
@@ -267,7 +275,12 @@ def sampling_candidates(setup: SamplingSetup) -> dict[str, Callable[[], torch.Te
         return monai_inferer_images(setup.denoise, scheduler, ae, scale, noise, context, uncond, guidance, steps)
 
     candidates = {"bundle": bundle, "zoo_batched": zoo, "seed_two_call": seed, "monai_inferer": monai}
-    if getattr(sampler, "precision", None) == "fp32":
+    default = setup.default_sampler
+    same_as_bf16 = default is not None and (default.num_inference_steps, default.precision) == (
+        sampler.num_inference_steps,
+        "bf16",
+    )
+    if getattr(sampler, "precision", None) == "fp32" and not same_as_bf16:  # else bundle_default is that
         fast = copy.copy(sampler)
         fast.precision = "bf16"
 
@@ -276,6 +289,14 @@ def sampling_candidates(setup: SamplingSetup) -> dict[str, Callable[[], torch.Te
             return fast(inputs, setup.network, **prepared)
 
         candidates["bundle_bf16"] = bundle_bf16  # the bundle's sampler with --precision bf16
+    if setup.default_sampler is not None:
+        default_sampler = setup.default_sampler
+
+        def bundle_default() -> torch.Tensor:
+            inputs, prepared = setup.prepared()
+            return default_sampler(inputs, setup.network, **prepared)
+
+        candidates["bundle_default"] = bundle_default  # what inference.json runs without options
     return candidates
 
 
@@ -338,7 +359,8 @@ def benchmark_sampling(setup: SamplingSetup, repeats: int) -> dict[str, Any]:
     outputs = {name: run() for name, run in candidates.items()}
     sampler = setup.sampler
     # The anchors have no DDIM noise (eta 0): with the bundle's eta above 0 its images are expected to differ.
-    same = {name: sampler.eta == 0.0 and name != "bundle_bf16" for name in candidates}  # bf16 rounds differently
+    # bf16 rounds differently; the config's defaults may take other steps
+    same = {name: sampler.eta == 0.0 and name not in ("bundle_bf16", "bundle_default") for name in candidates}
     if sampler.guidance_scale != 1.0:  # at 1 MONAI's cfg keeps the conditional half only: no difference to show
         outputs["monai_builtin_cfg"] = monai_builtin_cfg_images(setup)
         same["monai_builtin_cfg"] = False
@@ -413,6 +435,12 @@ def load_sampling_setup(
     parser = ConfigParser()
     parser.read_config(str(root / "configs" / "inference.json"))
     parser.read_meta(str(root / "configs" / "metadata.json"))
+    precision = parser.get("precision", "fp32")
+    if precision == "auto":  # what the config resolves it to on this machine's CPU
+        from common.engines.precision import resolve_precision
+
+        precision = resolve_precision(precision, "cpu")
+    defaults = {"num_inference_steps": parser["num_inference_steps"], "precision": precision}
     overrides: dict[str, Any] = {
         "bundle_root": str(root),
         "device": "$torch.device('cpu')",
@@ -422,6 +450,8 @@ def load_sampling_setup(
         "seed": int(seed),
         "batch_size": int(num_samples),
     }
+    if "precision" in parser.config:
+        overrides["precision"] = "fp32"
     if guidance is not None:
         overrides["guidance_scale"] = float(guidance)
     if "num_samples" in parser.config:
@@ -429,6 +459,12 @@ def load_sampling_setup(
     for key, value in overrides.items():
         parser[key] = value
     sampler = parser.get_parsed_content("inferer")
+    default_sampler = None
+    if (defaults["num_inference_steps"], defaults["precision"]) != (int(steps), "fp32"):
+        default_sampler = copy.copy(sampler)
+        default_sampler.num_inference_steps = int(defaults["num_inference_steps"])
+        default_sampler.precision = defaults["precision"]
+        default_sampler.scheduler = copy.deepcopy(sampler.scheduler)  # set_timesteps is per sampler
     network = parser.get_parsed_content("network")
     preprocessing = parser.get_parsed_content("preprocessing")
     requests = parser.get_parsed_content("dataset#data")
@@ -449,7 +485,12 @@ def load_sampling_setup(
         batch=batch,
         denoise=denoise,
         settings=parser.get_parsed_content("scheduler_settings"),
-        extra={"image_size": list(parser.get_parsed_content("image_size")), "prompt": items[0].get("prompt", "")},
+        extra={
+            "image_size": list(parser.get_parsed_content("image_size")),
+            "prompt": items[0].get("prompt", ""),
+            "config_defaults": defaults,
+        },
+        default_sampler=default_sampler,
     )
 
 

@@ -192,27 +192,29 @@ def summarize(trials: Sequence[Trial], items_per_call: int, baseline: str) -> di
 
 def _cpuinfo() -> tuple[str, set[str]]:
     """CPU model name and feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
-    model, flags = platform.processor() or platform.machine(), set()
+    from common.engines.precision import cpu_flags
+
+    model = platform.processor() or platform.machine()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return model, flags
+        return model, set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "model name" and value.strip():
             model = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
             break
-    return model, flags
+    return model, cpu_flags()
 
 
 def machine_info() -> dict[str, Any]:
     """What the numbers came from: CPU, native bf16, thread counts, library versions."""
     import monai
 
+    from common.engines.precision import NATIVE_BF16_CPU_FLAGS
+
     model, flags = _cpuinfo()
-    bf16_flags = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    bf16_flags = sorted(flags & NATIVE_BF16_CPU_FLAGS)
     return {
         "cpu_model": model,
         "logical_cpus": os.cpu_count(),

@@ -69,3 +69,29 @@ def test_unknown_precision_is_refused_with_the_choices():
         AutocastInferer(SimpleInferer(), "fp16")
     with pytest.raises(ValueError, match="Unknown precision"):
         autocast("half", "cpu")
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_native_bf16(monkeypatch, tmp_path):
+    from common.engines import precision
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Some CPU\nflags\t\t: fpu sse avx512f avx512_bf16\n")
+    assert precision.cpu_flags(cpuinfo) >= {"avx512f", "avx512_bf16"}
+    assert precision.cpu_flags(tmp_path / "missing") == set()
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert precision.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f"})  # oneDNN would emulate bf16: slower
+    assert precision.resolve_precision("auto", "cpu") == "fp32"
+    assert precision.resolve_precision("auto", "mps") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert precision.resolve_precision("auto", "cuda:0") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert precision.resolve_precision("auto", "cuda:0") == "fp32"
+    # explicit choices are kept whatever the device; anything else names the choices
+    assert (
+        precision.resolve_precision("bf16", "cpu") == "bf16" and precision.resolve_precision("fp32", "cuda") == "fp32"
+    )
+    with pytest.raises(ValueError, match="use one of auto, fp32, bf16"):
+        precision.resolve_precision("half", "cpu")
