@@ -9,34 +9,22 @@ from monai.networks.blocks import SABlock
 
 from common.networks.architecture import build_network
 from common.networks.attention import set_sdpa, uses_sdpa
-
-UNET = {
-    "spatial_dims": 2,
-    "in_channels": 3,
-    "out_channels": 3,
-    "channels": [32, 32],
-    "attention_levels": [False, True],
-    "num_head_channels": [0, 16],
-    "num_res_blocks": 1,
-    "with_conditioning": True,
-    "cross_attention_dim": 8,
-    "norm_num_groups": 32,
-}
+from tests.common.networks.test_architecture import UNET_ARGS
 
 
 def test_sdpa_where_cuda_is_available(monkeypatch):
-    assert not uses_sdpa(build_network("DiffusionModelUNet", **UNET)), "no CUDA here: MONAI's einsums"
+    assert not uses_sdpa(build_network("DiffusionModelUNet", **UNET_ARGS)), "no CUDA here: MONAI's einsums"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert uses_sdpa(build_network("DiffusionModelUNet", **UNET))
+    assert uses_sdpa(build_network("DiffusionModelUNet", **UNET_ARGS))
 
 
 def test_sdpa_gives_the_same_outputs_and_gradients():
     torch.manual_seed(0)
-    einsum = build_network("DiffusionModelUNet", **UNET)
+    einsum = build_network("DiffusionModelUNet", **UNET_ARGS)
     fused = set_sdpa(copy.deepcopy(einsum))
     assert uses_sdpa(fused) and not uses_sdpa(einsum)
     assert "use_flash_attention" not in fused.architecture.args, "an execution setting, not in the weight record"
-    x, t, c = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.randn(2, 4, 8)
+    x, t, c = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.randn(2, 4, 16)
     out_fused, out_einsum = fused(x, t, c), einsum(x, t, c)
     torch.testing.assert_close(out_fused, out_einsum, rtol=1e-5, atol=1e-5)
     out_fused.square().mean().backward()
