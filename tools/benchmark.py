@@ -109,11 +109,13 @@ def sampling(
     seed: int = 0,
     output: str | None = None,
     bundles_dir: str | None = None,
+    compile: bool = False,
 ) -> None:
     """Time the bundle's sampler against the zoo-style, seed-style and MONAI-inferer loops on the same noise.
 
     ``guidance`` ``None`` keeps the bundle's configured guidance scale; ``eta`` 0 (the anchors' DDIM) makes every
-    candidate compute the same images, which the report checks.
+    candidate compute the same images, which the report checks. ``compile`` adds the config's default sampler with
+    ``--compile True`` (its compilation, minutes on a CPU, is the warm-up).
     """
     from tools.benchmarks.sampling import (
         benchmark_sampling,
@@ -128,7 +130,7 @@ def sampling(
     root = _bundle_root(bundle, bundles_dir, "inference.json")
     set_threads(threads)
     setup = load_sampling_setup(root, num_samples, steps, guidance, eta, seed)
-    result = benchmark_sampling(setup, repeats)
+    result = benchmark_sampling(setup, repeats, compile=bool(compile))
     arguments = {
         "bundle": bundle,
         "num_samples": num_samples,
@@ -138,6 +140,7 @@ def sampling(
         "repeats": repeats,
         "threads": threads,
         "seed": seed,
+        "compile": bool(compile),
     }
     report = _report("sampling", bundle, _command("sampling", arguments), sampling_settings(setup, repeats), result)
     _finish(report, sampling_table(result), output)

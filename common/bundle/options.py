@@ -83,7 +83,8 @@ STANDARD_OPTIONS: dict[str, dict[str, Any]] = {
     },
     "compile": {
         "schema": _BOOL,
-        "help": "torch.compile the trained network: minutes of compiling once, then faster steps (a CPU needs a C++ compiler)",
+        "help": "torch.compile the trained or sampling networks: minutes of compiling once (seconds with inductor's "
+        "cache warm), then faster steps; for long runs (a CPU needs a C++ compiler)",
     },
     "progress": {"schema": _BOOL, "help": "show progress bars"},
     "prompt": {"schema": {"type": "string", "maxLength": 1000}, "help": "text describing the image"},
@@ -91,6 +92,16 @@ STANDARD_OPTIONS: dict[str, dict[str, Any]] = {
     "guidance_scale": {
         "schema": _GUIDANCE,
         "help": "classifier-free guidance weight (0: unconditional, 1: conditional without guidance)",
+    },
+    "guidance_interval": {
+        "schema": {
+            "anyOf": [
+                {"type": "null"},
+                {"type": "array", "items": {"type": "number", "minimum": 0}, "minItems": 2, "maxItems": 2},
+            ]
+        },
+        "help": "guide only the steps whose noise level sigma is in (low, high], the others conditional "
+        "(null: every step)",
     },
     "num_inference_steps": {
         "schema": _STEPS,

@@ -12,7 +12,6 @@ guided decoder -> image, and offers image variations and prompt interpolation.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -159,9 +158,7 @@ def _with_guidance(sampler: GuidedLatentSampler, scale: float | None) -> GuidedL
         return sampler
     if not scale >= 0:
         raise ValueError(f"Guidance scales must be >= 0 (0: unconditional, 1: conditional), got {scale}.")
-    guided = copy.copy(sampler)
-    guided.guidance_scale = float(scale)
-    return guided
+    return sampler.replaced(guidance_scale=float(scale))
 
 
 class UnclipPipeline:

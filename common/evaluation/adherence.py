@@ -142,6 +142,11 @@ class ConditionAdherence:
             "per_prompt": per_prompt,
             "samples_per_prompt": self.samples_per_prompt,
             "guidance_scale": self.sampler.guidance_scale,
+            "guidance_interval": _as_list(getattr(self.sampler, "guidance_interval", None)),
             "num_inference_steps": self.sampler.num_inference_steps,
             "scheduler": self.sampler.scheduler_name,
         }
+
+
+def _as_list(interval: Sequence[float] | None) -> list[float] | None:
+    return None if interval is None else list(interval)

@@ -15,8 +15,9 @@ from common.metrics.fid import frechet_distance
 from common.metrics.ms_ssim import pairwise_ms_ssim
 from common.networks.text_encoder import CLIPPromptEncoder
 
-if TYPE_CHECKING:  # adherence imports generate_images from here
+if TYPE_CHECKING:  # adherence and captioned import generate_images from here
     from common.evaluation.adherence import ConditionAdherence
+    from common.evaluation.captioned import CaptionedGeneration
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +38,24 @@ def generate_images(
     latent_shape: Sequence[int],
     num_samples: int,
     seed: int,
-    prompt: str = "",
+    prompt: str | Sequence[str] = "",
     batch_size: int = 16,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """``num_samples`` images ``(N, C, H, W)`` in [0, 1]; sample ``i`` starts from noise seeded ``seed + i``."""
+    """``num_samples`` images ``(N, C, H, W)`` in [0, 1]; sample ``i`` starts from noise seeded ``seed + i``.
+
+    ``prompt`` is one prompt for every sample, or one per sample (``num_samples`` of them).
+    """
+    prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != num_samples:
+        raise ValueError(f"{len(prompts)} prompts for {num_samples} samples: give one prompt, or one per sample.")
     images = []
     for start in range(0, num_samples, batch_size):
         seeds = range(seed + start, seed + min(start + batch_size, num_samples))
         noise = torch.stack(
             [torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
         )
-        context = prompt_encoder([prompt] * len(seeds)).to(device)
+        context = prompt_encoder(prompts[start : start + len(seeds)]).to(device)
         uncond = prompt_encoder([""] * len(seeds)).to(device)
         images.append(sampler(noise.to(device), network, context=context, uncond_context=uncond).clamp(0, 1).cpu())
     return torch.cat(images)
@@ -72,6 +79,8 @@ class LatentDiffusionEvaluation:
         publish_to: where the figures are published when asked (``BundleDocs``); ``None`` only logs them.
         adherence: condition adherence of prompted samples (``common.evaluation.adherence.ConditionAdherence``),
             or ``None`` for a model without findings to adhere to.
+        captioned: generation from each test slice's caption with the inference sampler, judged by FID, diversity
+            and the brain measures' adherence (``common.evaluation.captioned.CaptionedGeneration``), or ``None``.
     """
 
     def __init__(
@@ -91,6 +100,7 @@ class LatentDiffusionEvaluation:
         provenance: Mapping[str, Any] | None = None,
         publish_to: BundleDocs | None = None,
         adherence: ConditionAdherence | None = None,
+        captioned: CaptionedGeneration | None = None,
     ) -> None:
         self.reconstruction_evaluator = reconstruction_evaluator
         self.sampler = sampler
@@ -107,6 +117,7 @@ class LatentDiffusionEvaluation:
         self.provenance = dict(provenance or {})
         self.publish_to = publish_to
         self.adherence = adherence
+        self.captioned = captioned
 
     def run(self) -> dict[str, Any]:
         self.reconstruction_evaluator.run()
@@ -145,6 +156,13 @@ class LatentDiffusionEvaluation:
             for finding, auroc in adherence["auroc"].items():
                 metrics[f"adherence_auroc_{finding}"] = auroc
             metrics["adherence_auroc_mean"] = adherence["mean_auroc"]
+        captioned = None
+        if self.captioned is not None:
+            logger.info("Generating %d samples from the test captions", self.captioned.num_images)
+            captioned = self.captioned(
+                self.network, self.prompt_encoder, self.latent_shape, self.device, real, self.feature_extractor
+            )
+            metrics.update(self.captioned.metrics(captioned))
         results = {
             "metrics": metrics,
             "std": {
@@ -157,12 +175,15 @@ class LatentDiffusionEvaluation:
             "num_inference_steps": self.sampler.num_inference_steps,
             "eta": self.sampler.eta,
             "scheduler": self.sampler.scheduler_name,
+            "precision": getattr(self.sampler, "precision", "fp32"),
             "fid_features": self.feature_extractor_name,
             "command": self.provenance.get("command", ""),
             "provenance": self.provenance,
         }
         if adherence is not None:
             results["condition_adherence"] = adherence
+        if captioned is not None:
+            results["captioned_generation"] = captioned
         logger.info("Evaluation: %s", metrics)
         if self.publish_to is not None:
             self.publish_to.publish(results, metrics, results_table(results))
@@ -188,7 +209,7 @@ def results_table(results: Mapping[str, Any]) -> str:
     ]
     sampling = (
         f"Sampling: {results['scheduler'].upper()} {results['num_inference_steps']} steps, "
-        f"guidance {results['guidance_scale']} (unconditional)."
+        f"guidance {results['guidance_scale']} (unconditional), {results.get('precision', 'fp32')}."
     )
     if adherence := results.get("condition_adherence"):
         rows += [
@@ -200,6 +221,30 @@ def results_table(results: Mapping[str, Any]) -> str:
             f" Condition adherence: {adherence['samples_per_prompt']} samples per prompt that states or negates each "
             f"finding, {adherence['scheduler'].upper()} {adherence['num_inference_steps']} steps, guidance "
             f"{adherence['guidance_scale']}, scored by the phantom finding classifier."
+        )
+    if captioned := results.get("captioned_generation"):
+        generated = captioned["condition_adherence"]["generated"]
+        real_slices = captioned["condition_adherence"]["real_test_slices"]
+        rows += [
+            f"| FID, one sample per test caption ({captioned['num_samples']}) | {captioned['fid']:.4f} |",
+            f"| sample diversity MS-SSIM, captioned samples | {captioned['diversity_ms_ssim']:.4f} ± "
+            f"{captioned['diversity_ms_ssim_std']:.4f} |",
+            f"| ventricle adherence Pearson r (requested volume vs measured area; real test slices: "
+            f"{_number(real_slices['ventricle']['pearson_r'])}) | {_number(generated['ventricle']['pearson_r'])} |",
+            f"| ventricle size word accuracy (real test slices: {_number(real_slices['ventricle']['size_word_accuracy'])}) "
+            f"| {_number(generated['ventricle']['size_word_accuracy'])} |",
+        ]
+        interval = captioned["guidance_interval"]
+        sampling += (
+            f" Captioned samples: {captioned['scheduler'].upper()} {captioned['num_inference_steps']} steps, guidance "
+            f"{captioned['guidance_scale']}"
+            + (
+                f" on the {captioned['guided_steps']} steps with noise level in ({interval[0]}, {interval[1]}]"
+                if interval
+                else ""
+            )
+            + f", {captioned['precision']}, the inference defaults; measured by the brain measures "
+            "(common.evaluation.brain_measures)."
         )
     if note := weights_note(results.get("provenance", {})):
         sampling += f"\n\n{note}"

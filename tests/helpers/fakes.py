@@ -1,4 +1,4 @@
-"""Small stand-ins for tests: NIfTI and raw files, and the part of an Ignite engine handlers read."""
+"""Small stand-ins for tests: NIfTI and raw files, the part of an Ignite engine handlers read, evaluation results."""
 
 from __future__ import annotations
 
@@ -28,3 +28,24 @@ class FakeEngine:
 
     def __init__(self, batch, output):
         self.state = type("S", (), {"batch": batch, "output": output})()
+
+
+def generation_results(**extra) -> dict:
+    """The unconditional part of a ``LatentDiffusionEvaluation`` result, plus ``extra`` (adherence, captioned)."""
+    return {
+        "metrics": {
+            "reconstruction_ms_ssim_test": 0.97,
+            "sample_diversity_ms_ssim": 0.4,
+            "real_diversity_ms_ssim_test": 0.41,
+            "fid": 3.0,
+        },
+        "std": {"sample_diversity_ms_ssim": 0.01, "real_diversity_ms_ssim_test": 0.02},
+        "num_real_test_images": 100,
+        "num_generated_samples": 100,
+        "guidance_scale": 0.0,
+        "num_inference_steps": 50,
+        "scheduler": "ddim",
+        "fid_features": "phantom feature network",
+        "command": "python -m monai.bundle run ...",
+        **extra,
+    }

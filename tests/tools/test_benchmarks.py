@@ -202,6 +202,31 @@ def test_benchmark_sampling_reports_agreement_and_the_constant_tensor_guidance_o
     assert "monai_builtin_cfg (untimed)" in bench_sampling.sampling_table(result)
 
 
+def test_a_default_with_a_guidance_interval_is_timed_and_its_network_calls_reported():
+    setup = _sampling_setup(guidance=3.0, num_samples=1, steps=10)
+    default = setup.sampler.replaced(guidance_interval=(1.0, 10.0))
+    setup.default_sampler = default
+    result = bench_sampling.benchmark_sampling(setup, repeats=1)
+    guided = default.guided_steps()
+    assert 0 < guided < 10
+    assert result["candidates"]["bundle_default"]["calls_per_step"] == f"1 x 2B on {guided} of 10 steps, else 1 x B"
+    assert result["candidates"]["bundle"]["calls_per_step"] == "1 x 2B"
+    assert not result["agreement"]["bundle_default"]["expected_same"]  # another sampler: not checked for equality
+
+
+def test_the_compiled_candidate_compiles_a_copy_of_the_default_sampler_and_leaves_the_default_alone():
+    setup = _sampling_setup(guidance=3.0, num_samples=1, steps=2)
+    default = setup.sampler.replaced(precision="bf16")
+    setup.default_sampler = default
+    candidates = bench_sampling.sampling_candidates(setup, compile=True)
+    assert list(candidates)[-2:] == ["bundle_default", "bundle_default_compiled"]
+    compiled = candidates["bundle_default_compiled"].__closure__
+    samplers = [c.cell_contents for c in compiled if isinstance(c.cell_contents, bench_sampling.GuidedLatentSampler)]
+    assert len(samplers) == 1 and samplers[0].compile and samplers[0].precision == "bf16"
+    assert not default.compile and not setup.sampler.compile and samplers[0].scheduler is not default.scheduler
+    assert "bundle_default_compiled" not in bench_sampling.sampling_candidates(setup)
+
+
 # --- training -----------------------------------------------------------------------------------------------------
 
 

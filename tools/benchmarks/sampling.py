@@ -7,8 +7,9 @@ Candidates (each a call ``() -> images (B, 1, H, W)``):
   batches ``[uncond, cond]`` through the network once per step and decodes. Writing the images is left out.
   It runs the benchmark's ``--steps`` in float32: the reference the anchors' images are checked against.
 * ``bundle_bf16``: the same sampler with ``--precision bf16``.
-* ``bundle_default`` (where ``inference.json``'s defaults are not float32 at ``--steps``): the bundle's sampler
-  as the config runs it without options, its own ``num_inference_steps`` and ``precision``.
+* ``bundle_default`` (where ``inference.json``'s defaults are not float32, guidance on every step, at ``--steps``):
+  the bundle's sampler as the config runs it without options, its own ``num_inference_steps``, ``precision`` and
+  ``guidance_interval``.
 * ``zoo_batched``: the MONAI Model Zoo CXR bundle's loop (``scripts/sampler.py`` of
   ``cxr_image_synthesis_latent_diffusion_model``): ``[x, x]`` with ``[uncond, cond]`` contexts through the
   network once per step, timesteps ``torch.Tensor((t,)).long()``, guidance, ``scheduler.step``, decode. It always
@@ -33,6 +34,7 @@ candidates compute the same images, up to float rounding (batches of different s
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +62,7 @@ def calls_per_step(name: str, guidance: float) -> str:
     """
     if name == "seed_two_call":
         return "2 x B"
-    if name in ("bundle", "bundle_bf16", "bundle_default", "monai_inferer") and guidance in (0.0, 1.0):
+    if (name.startswith("bundle") or name == "monai_inferer") and guidance in (0.0, 1.0):
         return "1 x B"
     return "1 x 2B"
 
@@ -243,8 +245,11 @@ def monai_inferer_images(
     )
 
 
-def sampling_candidates(setup: SamplingSetup) -> dict[str, Callable[[], torch.Tensor]]:
-    """The four candidates of the module docstring, as calls ``() -> images (B, C, H, W)``, in interleaving order."""
+def sampling_candidates(setup: SamplingSetup, compile: bool = False) -> dict[str, Callable[[], torch.Tensor]]:
+    """The candidates of the module docstring, as calls ``() -> images (B, C, H, W)``, in interleaving order.
+
+    ``compile`` adds ``bundle_default_compiled``: the config's default sampler with ``--compile True``.
+    """
     sampler = setup.sampler
     steps, guidance = sampler.num_inference_steps, sampler.guidance_scale
     latent_space = sampler.latent_space
@@ -276,13 +281,13 @@ def sampling_candidates(setup: SamplingSetup) -> dict[str, Callable[[], torch.Te
 
     candidates = {"bundle": bundle, "zoo_batched": zoo, "seed_two_call": seed, "monai_inferer": monai}
     default = setup.default_sampler
-    same_as_bf16 = default is not None and (default.num_inference_steps, default.precision) == (
-        sampler.num_inference_steps,
-        "bf16",
-    )
+    same_as_bf16 = default is not None and (
+        default.num_inference_steps,
+        default.precision,
+        default.guidance_interval,
+    ) == (sampler.num_inference_steps, "bf16", None)
     if getattr(sampler, "precision", None) == "fp32" and not same_as_bf16:  # else bundle_default is that
-        fast = copy.copy(sampler)
-        fast.precision = "bf16"
+        fast = sampler.replaced(precision="bf16")
 
         def bundle_bf16() -> torch.Tensor:
             inputs, prepared = setup.prepared()
@@ -297,6 +302,14 @@ def sampling_candidates(setup: SamplingSetup) -> dict[str, Callable[[], torch.Te
             return default_sampler(inputs, setup.network, **prepared)
 
         candidates["bundle_default"] = bundle_default  # what inference.json runs without options
+    if compile:
+        compiled = (setup.default_sampler or sampler).replaced(compile=True)
+
+        def bundle_default_compiled() -> torch.Tensor:
+            inputs, prepared = setup.prepared()
+            return compiled(inputs, setup.network, **prepared)
+
+        candidates["bundle_default_compiled"] = bundle_default_compiled  # the same with --compile True
     return candidates
 
 
@@ -349,18 +362,24 @@ def image_agreement(
     return agreement
 
 
-def benchmark_sampling(setup: SamplingSetup, repeats: int) -> dict[str, Any]:
+def benchmark_sampling(setup: SamplingSetup, repeats: int, compile: bool = False) -> dict[str, Any]:
     """Warm every candidate up (its images are the agreement check), then time ``repeats`` interleaved rounds.
 
-    Returns ``{"order", "baseline", "agreement", "candidates"}``: per candidate the summary of
-    :func:`tools.benchmarks.timing.summarize` (per image) plus its network calls per step.
+    Returns ``{"order", "baseline", "agreement", "warmup_seconds", "candidates"}``: per candidate the summary of
+    :func:`tools.benchmarks.timing.summarize` (per image) plus its network calls per step; the warm-up call (a
+    compiled candidate's compilation) is timed apart.
     """
-    candidates = sampling_candidates(setup)
-    outputs = {name: run() for name, run in candidates.items()}
+    candidates = sampling_candidates(setup, compile=compile)
+    outputs, warmup = {}, {}
+    for name, run in candidates.items():
+        start = time.perf_counter()
+        outputs[name] = run()
+        warmup[name] = round(time.perf_counter() - start, 3)
     sampler = setup.sampler
     # The anchors have no DDIM noise (eta 0): with the bundle's eta above 0 its images are expected to differ.
-    # bf16 rounds differently; the config's defaults may take other steps
-    same = {name: sampler.eta == 0.0 and name not in ("bundle_bf16", "bundle_default") for name in candidates}
+    # bf16 rounds differently; the config's defaults may take other steps or skip guidance on some
+    different = ("bundle_bf16", "bundle_default", "bundle_default_compiled")
+    same = {name: sampler.eta == 0.0 and name not in different for name in candidates}
     if sampler.guidance_scale != 1.0:  # at 1 MONAI's cfg keeps the conditional half only: no difference to show
         outputs["monai_builtin_cfg"] = monai_builtin_cfg_images(setup)
         same["monai_builtin_cfg"] = False
@@ -369,11 +388,18 @@ def benchmark_sampling(setup: SamplingSetup, repeats: int) -> dict[str, Any]:
     summary = summarize(trials, setup.num_samples, BASELINE)
     for name in summary:
         summary[name]["calls_per_step"] = calls_per_step(name, sampler.guidance_scale)
+    default = setup.default_sampler
+    if default is not None and default.guidance_interval is not None and default.guidance_scale not in (0.0, 1.0):
+        guided, steps = default.guided_steps(), default.num_inference_steps
+        for name in ("bundle_default", "bundle_default_compiled"):
+            if name in summary:
+                summary[name]["calls_per_step"] = f"1 x 2B on {guided} of {steps} steps, else 1 x B"
     return {
         "order": list(candidates),
         "baseline": BASELINE,
         "memory_method": trials[0].memory_method,
         "agreement": agreement,
+        "warmup_seconds": warmup,
         "candidates": summary,
     }
 
@@ -390,6 +416,7 @@ def sampling_table(result: Mapping[str, Any]) -> str:
         "paired ratio",
         "peak RSS rise MiB",
         "max abs diff vs bundle",
+        "first call s",
     ]
     rows = []
     for name, c in result["candidates"].items():
@@ -406,12 +433,13 @@ def sampling_table(result: Mapping[str, Any]) -> str:
                 c["paired_ratio"],
                 c["rss_increase_mib"],
                 diff,
+                result.get("warmup_seconds", {}).get(name),
             ]
         )
     for name, a in result["agreement"].items():
         if name not in result["candidates"]:
             rows.append(
-                [f"{name} (untimed)", "1 x 2B", None, None, None, None, None, None, a["max_abs_diff_vs_bundle"]]
+                [f"{name} (untimed)", "1 x 2B", None, None, None, None, None, None, a["max_abs_diff_vs_bundle"], None]
             )
     return markdown_table(headers, rows)
 
@@ -440,7 +468,11 @@ def load_sampling_setup(
         from common.engines.precision import resolve_precision
 
         precision = resolve_precision(precision, "cpu")
-    defaults = {"num_inference_steps": parser["num_inference_steps"], "precision": precision}
+    defaults = {
+        "num_inference_steps": parser["num_inference_steps"],
+        "precision": precision,
+        "guidance_interval": parser.get("guidance_interval"),
+    }
     overrides: dict[str, Any] = {
         "bundle_root": str(root),
         "device": "$torch.device('cpu')",
@@ -452,6 +484,8 @@ def load_sampling_setup(
     }
     if "precision" in parser.config:
         overrides["precision"] = "fp32"
+    if "guidance_interval" in parser.config:  # the reference guides every step
+        overrides["guidance_interval"] = None
     if guidance is not None:
         overrides["guidance_scale"] = float(guidance)
     if "num_samples" in parser.config:
@@ -460,11 +494,16 @@ def load_sampling_setup(
         parser[key] = value
     sampler = parser.get_parsed_content("inferer")
     default_sampler = None
-    if (defaults["num_inference_steps"], defaults["precision"]) != (int(steps), "fp32"):
-        default_sampler = copy.copy(sampler)
-        default_sampler.num_inference_steps = int(defaults["num_inference_steps"])
-        default_sampler.precision = defaults["precision"]
-        default_sampler.scheduler = copy.deepcopy(sampler.scheduler)  # set_timesteps is per sampler
+    if (defaults["num_inference_steps"], defaults["precision"], defaults["guidance_interval"]) != (
+        int(steps),
+        "fp32",
+        None,
+    ):
+        default_sampler = sampler.replaced(
+            num_inference_steps=int(defaults["num_inference_steps"]),
+            precision=defaults["precision"],
+            guidance_interval=defaults["guidance_interval"],
+        )
     network = parser.get_parsed_content("network")
     preprocessing = parser.get_parsed_content("preprocessing")
     requests = parser.get_parsed_content("dataset#data")

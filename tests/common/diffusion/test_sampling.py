@@ -319,26 +319,31 @@ def _inputs(batch=2, seed=0):
     )
 
 
-def test_guided_sampler_uses_condition_and_scale(latent_space):
-    unet = freeze(make_unet())
+def _steering_controlnet(unet: torch.nn.Module) -> torch.nn.Module:
+    """A ControlNet copied from ``unet`` whose zero convolutions are randomised, so the condition changes the output."""
     controlnet = controlnet_from_unet(make_controlnet(), unet.state_dict())
-    with torch.no_grad():  # a trained ControlNet: non-zero output convolutions
+    with torch.no_grad():
         for name, p in controlnet.named_parameters():
             if "zero" in name or name.startswith("controlnet_"):
                 p.normal_(0, 0.2)
+    return controlnet
+
+
+def _controlnet_sampler(latent_space, unet, **kwargs) -> ControlNetGuidedSampler:
+    settings = {"num_inference_steps": 3, "guidance_scale": 3.0, "progress": False, **kwargs}
+    return ControlNetGuidedSampler(
+        latent_space, SchedulerSettings(num_train_timesteps=100), diffusion_model=unet, **settings
+    )
+
+
+def test_guided_sampler_uses_condition_and_scale(latent_space):
+    unet = freeze(make_unet())
+    controlnet = _steering_controlnet(unet)  # a trained ControlNet: non-zero output convolutions
     latents, context, cond = _inputs()
     uncond = torch.zeros_like(context)
 
     def sample(scale, guidance, condition):
-        sampler = ControlNetGuidedSampler(
-            latent_space,
-            SchedulerSettings(num_train_timesteps=100),
-            diffusion_model=unet,
-            conditioning_scale=scale,
-            num_inference_steps=3,
-            guidance_scale=guidance,
-            progress=False,
-        )
+        sampler = _controlnet_sampler(latent_space, unet, conditioning_scale=scale, guidance_scale=guidance)
         return sampler(latents, controlnet, context=context, uncond_context=uncond, controlnet_cond=condition)
 
     a = sample(1.0, 3.0, cond)
@@ -354,20 +359,9 @@ def test_guided_sampler_uses_condition_and_scale(latent_space):
 def test_embedding_the_condition_once_gives_what_embedding_it_at_every_step_gives(latent_space):
     """The ControlNet's conditioning embedding is computed once per batch: same images, embedding module restored."""
     unet = freeze(make_unet())
-    controlnet = controlnet_from_unet(make_controlnet(), unet.state_dict())
-    with torch.no_grad():
-        for name, p in controlnet.named_parameters():
-            if "zero" in name or name.startswith("controlnet_"):
-                p.normal_(0, 0.2)
+    controlnet = _steering_controlnet(unet)
     latents, context, cond = _inputs()
-    sampler = ControlNetGuidedSampler(
-        latent_space,
-        SchedulerSettings(num_train_timesteps=100),
-        diffusion_model=unet,
-        num_inference_steps=3,
-        guidance_scale=3.0,
-        progress=False,
-    )
+    sampler = _controlnet_sampler(latent_space, unet)
     uncond = torch.zeros_like(context)
     calls = []
     hook = controlnet.controlnet_cond_embedding.register_forward_hook(lambda *_: calls.append(1))
@@ -404,3 +398,118 @@ def test_bf16_sampling_stays_close_to_fp32_and_unknown_precision_is_refused(late
     assert (fp32 - bf16).abs().max() < 0.1 * fp32.abs().max()
     with pytest.raises(ValueError, match="Unknown precision 'fp16'"):
         GuidedLatentSampler(latent_space, SchedulerSettings(), precision="fp16")
+
+
+# guidance interval -------------------------------------------------------------------------------------
+
+
+def _interval_sampler(latent_space, interval, guidance_scale=3.0, steps=10):
+    return GuidedLatentSampler(
+        latent_space,
+        SchedulerSettings(),
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        progress=False,
+        guidance_interval=interval,
+    )
+
+
+def test_guidance_interval_guides_only_the_steps_whose_noise_level_is_inside(latent_space, unet):
+    sampler = _interval_sampler(latent_space, (1.0, 10.0))
+    sampler.scheduler.set_timesteps(10)
+    alpha_bar = sampler.scheduler.alphas_cumprod
+    sigmas = [float(((1 - alpha_bar[t]) / alpha_bar[t]).sqrt()) for t in sampler.scheduler.timesteps]
+    inside = [1.0 < s <= 10.0 for s in sigmas]
+    assert 0 < sum(inside) < 10  # the default schedule's 10 steps span sigma ~0.04 to ~100: some in, some out
+    recorder = CallRecorder(unet)
+    cond, uncond = _contexts(3)
+    sampler(_noise([0, 1, 2]), recorder, context=cond, uncond_context=uncond)
+    assert recorder.batch_sizes == [6 if guided else 3 for guided in inside]
+    for guided, context in zip(inside, recorder.contexts, strict=True):  # outside: the conditional branch alone
+        torch.testing.assert_close(context, torch.cat([uncond, cond]) if guided else cond)
+    assert sampler.guided_steps() == sum(inside)
+
+
+def test_guidance_interval_that_covers_every_step_or_none_matches_full_guidance_or_conditional(latent_space, unet):
+    noise, (cond, uncond) = _noise([5, 6]), _contexts()
+    full = _interval_sampler(latent_space, None)(noise, unet, context=cond, uncond_context=uncond)
+    everywhere = _interval_sampler(latent_space, (0.0, 1e6))(noise, unet, context=cond, uncond_context=uncond)
+    nowhere = _interval_sampler(latent_space, (1e5, 1e6))(noise, unet, context=cond, uncond_context=uncond)
+    conditional = _interval_sampler(latent_space, None, guidance_scale=1.0)(
+        noise, unet, context=cond, uncond_context=uncond
+    )
+    torch.testing.assert_close(everywhere, full)
+    torch.testing.assert_close(nowhere, conditional)
+    assert not torch.allclose(full, conditional)
+
+
+def test_guidance_interval_leaves_unconditional_sampling_unconditional(latent_space, unet):
+    recorder = CallRecorder(unet)
+    cond, uncond = _contexts(2)
+    sampler = _interval_sampler(latent_space, (1.0, 10.0), guidance_scale=0.0)
+    sampler(_noise([0, 1]), recorder, context=cond, uncond_context=uncond)
+    assert recorder.batch_sizes == [2] * 10 and sampler.guided_steps() == 0
+    assert all(torch.equal(c, uncond) for c in recorder.contexts)
+
+
+@pytest.mark.parametrize("interval", [(5.0, 1.0), (2.0, 2.0), (-1.0, 3.0), (1.0,), "1,5"])
+def test_bad_guidance_interval_is_refused_with_its_rule(latent_space, interval):
+    with pytest.raises(ValueError, match="guidance_interval"):
+        _interval_sampler(latent_space, interval)
+
+
+# torch.compile -----------------------------------------------------------------------------------------
+
+
+def test_compiled_controlnet_sampling_gives_the_eager_images_and_compiles_each_network_once(latent_space):
+    """--compile on the ControlNet sampler: ControlNet and frozen UNet compiled once, each batch reuses the graphs."""
+    import torch._dynamo
+
+    unet = freeze(make_unet())
+    controlnet = _steering_controlnet(unet).eval()
+    latents, context, cond = _inputs()
+
+    def sampler(compile):
+        return _controlnet_sampler(latent_space, unet, num_inference_steps=2, guidance_scale=1.0, compile=compile)
+
+    eager = sampler(False)(latents, controlnet, context=context, uncond_context=context, controlnet_cond=cond)
+    torch._dynamo.reset()
+    compiled = sampler(True)
+    frames = torch._dynamo.utils.counters["stats"]
+    first = compiled(latents, controlnet, context=context, uncond_context=context, controlnet_cond=cond)
+    compiled_frames = frames["unique_graphs"]
+    second = compiled(latents, controlnet, context=context, uncond_context=context, controlnet_cond=cond.flip(0))
+    torch.testing.assert_close(first, eager, atol=1e-4, rtol=1e-4)
+    assert frames["unique_graphs"] == compiled_frames, "the second batch reuses the compiled graphs"
+    assert compiled.compiled(controlnet) is compiled.compiled(controlnet) is not controlnet
+    assert not isinstance(controlnet.controlnet_cond_embedding, torch.nn.Identity), "the embedding is restored"
+    assert not torch.allclose(first, second)
+
+
+def test_replaced_copies_with_checked_changes_and_leaves_the_original_alone(latent_space):
+    sampler = _interval_sampler(latent_space, None, steps=10)
+    fast = sampler.replaced(precision="bf16", guidance_interval=[1.0, 10.0], num_inference_steps=20, compile=True)
+    assert (fast.precision, fast.guidance_interval, fast.num_inference_steps, fast.compile) == (
+        "bf16",
+        (1.0, 10.0),
+        20,
+        True,
+    )
+    assert (sampler.precision, sampler.guidance_interval, sampler.num_inference_steps, sampler.compile) == (
+        "fp32",
+        None,
+        10,
+        False,
+    )
+    assert fast.scheduler is not sampler.scheduler and fast.latent_space is sampler.latent_space
+    fast.scheduler.set_timesteps(20)
+    sampler.scheduler.set_timesteps(10)
+    assert len(fast.scheduler.timesteps) == 20, "each copy keeps its own timesteps"
+    with pytest.raises(ValueError, match="guidance_interval"):
+        sampler.replaced(guidance_interval=[3.0, 1.0])
+    with pytest.raises(ValueError, match="Unknown precision"):
+        sampler.replaced(precision="fp8")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sampler.replaced(num_inference_steps=0)
+    with pytest.raises(ValueError, match=r"Unknown sampler settings \['guidance'\]"):
+        sampler.replaced(guidance=2.0)

@@ -7,6 +7,7 @@ import torch
 
 from common.evaluation.adherence import ConditionAdherence, FindingPrompts
 from common.evaluation.generation import results_table
+from tests.helpers.fakes import generation_results
 
 FINDINGS = ("cardiomegaly", "pleural_effusion")
 PROMPTS = {
@@ -104,30 +105,16 @@ def test_prompts_from_the_config_layout():
 
 
 def test_results_table_lists_each_finding_and_the_mean():
-    results = {
-        "metrics": {
-            "reconstruction_ms_ssim_test": 0.97,
-            "sample_diversity_ms_ssim": 0.4,
-            "real_diversity_ms_ssim_test": 0.41,
-            "fid": 3.0,
-        },
-        "std": {"sample_diversity_ms_ssim": 0.01, "real_diversity_ms_ssim_test": 0.02},
-        "num_real_test_images": 100,
-        "num_generated_samples": 100,
-        "guidance_scale": 0.0,
-        "num_inference_steps": 50,
-        "scheduler": "ddim",
-        "fid_features": "phantom feature network",
-        "command": "python -m monai.bundle run ...",
-        "condition_adherence": {
+    results = generation_results(
+        condition_adherence={
             "auroc": {"pleural_effusion": 0.9, "pneumothorax": None},
             "mean_auroc": 0.9,
             "samples_per_prompt": 8,
             "guidance_scale": 7.0,
             "num_inference_steps": 50,
             "scheduler": "ddim",
-        },
-    }
+        }
+    )
     table = results_table(results)
     assert "| condition adherence AUROC, pleural effusion | 0.9000 |" in table
     assert "| condition adherence AUROC, pneumothorax | n/a |" in table
