@@ -80,6 +80,21 @@ def latent_shape(image_size: Sequence[int], latent_space: ScaledLatentSpace) -> 
     return (latent_space.autoencoder.latent_channels, *(s // f for s in image_size))
 
 
+#: The knobs :meth:`GuidedLatentSampler.replaced` may change (the scheduler kind and latent space are fixed).
+_REPLACEABLE = frozenset(
+    {
+        "num_inference_steps",
+        "guidance_scale",
+        "eta",
+        "progress",
+        "precision",
+        "guidance_interval",
+        "compile",
+        "conditioning_scale",
+    }
+)
+
+
 class GuidedLatentSampler(Inferer):
     """Reverse diffusion in latent space with classifier-free guidance, then decoding.
 
@@ -232,9 +247,9 @@ class GuidedLatentSampler(Inferer):
 
         The copy has its own scheduler (``set_timesteps`` is state) and its own compiled networks.
         """
-        unknown = sorted(name for name in changes if name.startswith("_") or not hasattr(self, name))
+        unknown = sorted(name for name in changes if name not in _REPLACEABLE or not hasattr(self, name))
         if unknown:
-            raise ValueError(f"Unknown sampler settings {unknown}.")
+            raise ValueError(f"Unknown sampler settings {unknown}: replaceable are {sorted(_REPLACEABLE)}.")
         other = copy.copy(self)
         other.__dict__.update(changes)
         other.scheduler = copy.deepcopy(self.scheduler)
@@ -286,10 +301,13 @@ class ControlNetGuidedSampler(GuidedLatentSampler):
         **kwargs: Any,
     ) -> None:
         super().__init__(latent_space, settings, **kwargs)
-        if conditioning_scale < 0:
-            raise ValueError(f"`conditioning_scale` must be >= 0 (1 is what training used), got {conditioning_scale}.")
         self.diffusion_model = diffusion_model
-        self.conditioning_scale = float(conditioning_scale)
+        self.conditioning_scale = _check_conditioning_scale(conditioning_scale)
+
+    def replaced(self, **changes: Any) -> ControlNetGuidedSampler:
+        other = super().replaced(**changes)
+        other.conditioning_scale = _check_conditioning_scale(other.conditioning_scale)
+        return other
 
     @torch.no_grad()
     def sample_latents(  # type: ignore[override]
@@ -340,6 +358,12 @@ class ControlNetGuidedSampler(GuidedLatentSampler):
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
         )
+
+
+def _check_conditioning_scale(scale: float) -> float:
+    if not scale >= 0:
+        raise ValueError(f"`conditioning_scale` must be >= 0 (1 is what training used), got {scale}.")
+    return float(scale)
 
 
 #: One identity for every swap: a compiled ControlNet sees the same module each time, so it is not recompiled.

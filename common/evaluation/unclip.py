@@ -204,6 +204,7 @@ class UnclipEvaluation:
             "prior_num_inference_steps": self.pipeline.prior_sampler.num_inference_steps,
             "num_inference_steps": self.pipeline.decoder_sampler.num_inference_steps,
             "scheduler": self.pipeline.decoder_sampler.scheduler_name,
+            "decoder_precision": self.pipeline.decoder_sampler.precision,
             "command": self.provenance.get("command", ""),
             "provenance": self.provenance,
         }
@@ -343,7 +344,8 @@ def results_table(results: Mapping[str, Any]) -> str:
     sampling = (
         f"One sample per test caption ({n} test slices, canonical captions), prior guidance "
         f"{results['prior_guidance_scale']} ({results['prior_num_inference_steps']} steps), decoder guidance "
-        f"{results['decoder_guidance_scale']} ({results['scheduler'].upper()} {results['num_inference_steps']} steps)."
+        f"{results['decoder_guidance_scale']} ({results['scheduler'].upper()} {results['num_inference_steps']} steps, "
+        f"{results.get('decoder_precision', 'fp32')})."
         " Recall@K ranks the images for each caption with the fine-tuned CLIP (captions that repeat count as "
         "relevant to each other's images). Reconstructions: the autoencoder's reconstructions of the real test "
         "slices against the real slices, what the latent space itself loses (sampled latents can restore texture "

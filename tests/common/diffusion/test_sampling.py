@@ -354,6 +354,10 @@ def test_guided_sampler_uses_condition_and_scale(latent_space):
     assert torch.allclose(sample(0.0, 1.0, cond), sample(0.0, 1.0, cond.flip(0)))
     with pytest.raises(ValueError, match="conditioning_scale"):
         ControlNetGuidedSampler(latent_space, SchedulerSettings(), diffusion_model=unet, conditioning_scale=-1)
+    controlnet_sampler = _controlnet_sampler(latent_space, unet)
+    assert controlnet_sampler.replaced(conditioning_scale=2).conditioning_scale == 2.0
+    with pytest.raises(ValueError, match="conditioning_scale"):
+        controlnet_sampler.replaced(conditioning_scale=-0.5)
 
 
 def test_embedding_the_condition_once_gives_what_embedding_it_at_every_step_gives(latent_space):
@@ -511,5 +515,7 @@ def test_replaced_copies_with_checked_changes_and_leaves_the_original_alone(late
         sampler.replaced(precision="fp8")
     with pytest.raises(ValueError, match="num_inference_steps"):
         sampler.replaced(num_inference_steps=0)
-    with pytest.raises(ValueError, match=r"Unknown sampler settings \['guidance'\]"):
-        sampler.replaced(guidance=2.0)
+    with pytest.raises(ValueError, match=r"Unknown sampler settings \['guidance', 'scheduler_name'\]"):
+        sampler.replaced(guidance=2.0, scheduler_name="ddpm")
+    with pytest.raises(ValueError, match="conditioning_scale"):  # a ControlNet knob, not this sampler's
+        sampler.replaced(conditioning_scale=2.0)
