@@ -70,8 +70,12 @@ class CaptionedGeneration:
         device: torch.device | str,
         real: torch.Tensor,
         feature_extractor: Callable[[torch.Tensor], torch.Tensor],
+        real_features: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """Generate, then score against ``real`` ``(N, 1, H, W)`` (the entries' images, same order)."""
+        """Generate, then score against ``real`` ``(N, 1, H, W)`` (the entries' images, same order).
+
+        ``real_features`` are ``feature_extractor(real)`` where the caller has them already.
+        """
         if real.shape[0] != len(self.entries):
             raise ValueError(f"{real.shape[0]} real images for {len(self.entries)} test entries.")
         fake = generate_images(
@@ -101,7 +105,9 @@ class CaptionedGeneration:
             "eta": sampler.eta,
             "scheduler": sampler.scheduler_name,
             "precision": sampler.precision,
-            "fid": frechet_distance(feature_extractor(real), feature_extractor(fake)),
+            "fid": frechet_distance(
+                feature_extractor(real) if real_features is None else real_features, feature_extractor(fake)
+            ),
             "diversity_ms_ssim": diversity,
             "diversity_ms_ssim_std": diversity_std,
             "condition_adherence": {"generated": generated, "real_test_slices": ceiling},

@@ -140,7 +140,8 @@ class LatentDiffusionEvaluation:
         )
         real_div, real_div_std = pairwise_ms_ssim(real, seed=self.seed)
         fake_div, fake_div_std = pairwise_ms_ssim(fake, seed=self.seed)
-        fid = frechet_distance(self.feature_extractor(real), self.feature_extractor(fake))
+        real_features = self.feature_extractor(real)
+        fid = frechet_distance(real_features, self.feature_extractor(fake))
         metrics = {
             "reconstruction_ms_ssim_test": round(recon_ms_ssim, 4),
             "sample_diversity_ms_ssim": round(fake_div, 4),
@@ -160,7 +161,13 @@ class LatentDiffusionEvaluation:
         if self.captioned is not None:
             logger.info("Generating %d samples from the test captions", self.captioned.num_images)
             captioned = self.captioned(
-                self.network, self.prompt_encoder, self.latent_shape, self.device, real, self.feature_extractor
+                self.network,
+                self.prompt_encoder,
+                self.latent_shape,
+                self.device,
+                real,
+                self.feature_extractor,
+                real_features=real_features,
             )
             metrics.update(self.captioned.metrics(captioned))
         results = {

@@ -129,3 +129,19 @@ def test_results_table_shows_the_captioned_figures_beside_the_real_slices_and_th
     assert f"| FID, one sample per test caption (8) | {captioned['fid']:.4f} |" in table
     assert f"real test slices: {real:.4f}) | {generated:.4f} |" in table
     assert "guidance 3.0 on the 17 steps with noise level in (1.0, 5.0], bf16" in table
+
+
+def test_real_features_the_caller_has_are_used_instead_of_extracting_them_again():
+    calls = []
+
+    def counting(images):
+        calls.append(len(images))
+        return features(images)
+
+    real = real_images()
+    captioned = CaptionedGeneration(Sampler(True), entries(), batch_size=4)
+    given = captioned(torch.nn.Identity(), PromptEncoder(), (1, 24, 28), "cpu", real, counting, features(real))
+    assert calls == [len(VOLUMES)], "only the generated images are embedded"
+    assert given["fid"] == pytest.approx(
+        captioned(torch.nn.Identity(), PromptEncoder(), (1, 24, 28), "cpu", real, features)["fid"]
+    )
