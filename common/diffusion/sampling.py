@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -62,10 +63,55 @@ def check_guidance_interval(interval: Sequence[float] | None) -> tuple[float, fl
     return low, high
 
 
+def check_distilled_guidance(
+    distilled: float | None, guidance_scale: float, guidance_interval: tuple[float, float] | None
+) -> float | None:
+    """``distilled`` as a float (or ``None``); refused unless the sampler asks exactly the guidance it gives."""
+    if distilled is None:
+        return None
+    distilled = float(distilled)
+    if guidance_scale != distilled or guidance_interval is not None:
+        asked = f"guidance {guidance_scale:g}" + ("" if guidance_interval is None else f" in {list(guidance_interval)}")
+        raise ValueError(
+            f"The network is guidance-distilled for guidance {distilled:g} at every step; {asked} is asked. Sample "
+            "with the diffusion model it was distilled from (--guidance_distillation false)."
+        )
+    return distilled
+
+
 def noise_level(alphas_cumprod: torch.Tensor, timestep: int) -> float:
     """The noise-to-signal ratio ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` of a training timestep."""
     alpha_bar = float(alphas_cumprod[int(timestep)])
     return ((1.0 - alpha_bar) / alpha_bar) ** 0.5
+
+
+def guided_output(
+    predict: Callable[..., torch.Tensor],
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    scale: float,
+    context: torch.Tensor,
+    uncond_context: torch.Tensor,
+    model_kwargs: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Classifier-free guided output ``uncond + scale * (cond - uncond)`` ``(B, c, h, w)``.
+
+    ``predict(latents, timesteps, context, **model_kwargs)`` is the model; ``timesteps`` ``(B,)``, contexts
+    ``(B, 77, D)``. Guidance 0 and 1 make one call of ``B`` samples (the other half would be thrown away), other
+    scales one call of ``2B`` (``[uncond, cond]``). The sampler and guidance distillation's teacher both use it.
+    """
+    model_kwargs = dict(model_kwargs or {})
+    if scale in (0.0, 1.0):
+        return predict(latents, timesteps, uncond_context if scale == 0.0 else context, **model_kwargs)
+    doubled = {k: torch.cat([v, v]) for k, v in model_kwargs.items()}
+    both = predict(
+        torch.cat([latents, latents]),
+        torch.cat([timesteps, timesteps]),
+        torch.cat([uncond_context, context]),
+        **doubled,
+    )
+    pred_uncond, pred_cond = both.chunk(2)
+    return pred_uncond + scale * (pred_cond - pred_uncond)
 
 
 def latent_shape(image_size: Sequence[int], latent_space: ScaledLatentSpace) -> tuple[int, ...]:
@@ -91,6 +137,7 @@ _REPLACEABLE = frozenset(
         "guidance_interval",
         "compile",
         "conditioning_scale",
+        "distilled_guidance",
     }
 )
 
@@ -121,6 +168,9 @@ class GuidedLatentSampler(Inferer):
         compile: run the network calls through ``torch.compile`` (one static graph per batch size, built on the first
             call: minutes on a CPU, seconds once inductor's on-disk cache holds it; then faster steps). For bulk
             generation and evaluation; the outputs equal the eager ones up to float rounding.
+        distilled_guidance: ``None``, or the scale the network was guidance-distilled for
+            (:mod:`common.diffusion.distillation`): it gives the guided output from the conditional input alone, so
+            each step is one call of ``B``. ``guidance_scale`` must then be that scale, without an interval.
     """
 
     def __init__(
@@ -135,6 +185,7 @@ class GuidedLatentSampler(Inferer):
         precision: str = "fp32",
         guidance_interval: Sequence[float] | None = None,
         compile: bool = False,
+        distilled_guidance: float | None = None,
     ) -> None:
         super().__init__()
         self.compile = bool(compile)
@@ -151,6 +202,9 @@ class GuidedLatentSampler(Inferer):
         self.guidance_scale = float(guidance_scale)
         self.eta = float(eta)
         self.progress = progress
+        self.distilled_guidance = check_distilled_guidance(
+            distilled_guidance, self.guidance_scale, self.guidance_interval
+        )
 
     @torch.no_grad()
     def sample_latents(
@@ -175,19 +229,34 @@ class GuidedLatentSampler(Inferer):
                 pred = self._guided_prediction(network, latents, t, scale, context, uncond_context, model_kwargs)
             pred = pred.float()
             kwargs = {"eta": self.eta} if self.scheduler_name == "ddim" else {}
-            if isinstance(generator, list | tuple):
+            if isinstance(generator, list | tuple) and self.draws_noise:
                 latents = torch.cat(
                     [
                         self.scheduler.step(pred[i : i + 1], int(t), latents[i : i + 1], generator=g, **kwargs)[0]
                         for i, g in enumerate(generator)
                     ]
                 )
-            else:
-                latents, _ = self.scheduler.step(pred, int(t), latents, generator=generator, **kwargs)
+            else:  # one step for the batch: no noise is drawn, or one generator draws it for all
+                latents, _ = self.scheduler.step(
+                    pred,
+                    int(t),
+                    latents,
+                    generator=None if isinstance(generator, list | tuple) else generator,
+                    **kwargs,
+                )
         return latents
 
+    @property
+    def draws_noise(self) -> bool:
+        """Whether a denoising step draws noise (DDPM, DDIM with ``eta`` above 0): then each sample's comes from its
+        own generator, one scheduler step per sample; deterministic DDIM steps the whole batch at once."""
+        return self.scheduler_name == "ddpm" or self.eta > 0.0
+
     def step_guidance_scale(self, timestep: int) -> float:
-        """The guidance scale of the step at training ``timestep``: 1 (conditional) outside the guidance interval."""
+        """The guidance scale of the step at training ``timestep``: 1 (conditional) outside the guidance interval,
+        and at every step of a guidance-distilled network (its conditional output is the guided one)."""
+        if self.distilled_guidance is not None:
+            return 1.0
         if self.guidance_interval is None or self.guidance_scale in (0.0, 1.0):
             return self.guidance_scale
         low, high = self.guidance_interval
@@ -196,7 +265,7 @@ class GuidedLatentSampler(Inferer):
 
     def guided_steps(self) -> int:
         """How many of the ``num_inference_steps`` steps call the network on ``[uncond, cond]`` (``2B`` samples)."""
-        if self.guidance_scale in (0.0, 1.0):
+        if self.guidance_scale in (0.0, 1.0) or self.distilled_guidance is not None:
             return 0
         self.scheduler.set_timesteps(self.num_inference_steps)
         return sum(self.step_guidance_scale(int(t)) not in (0.0, 1.0) for t in self.scheduler.timesteps)
@@ -212,17 +281,10 @@ class GuidedLatentSampler(Inferer):
         model_kwargs: dict[str, Any],
     ) -> torch.Tensor:
         """The guided model output at step ``t``: one network call of ``B`` (guidance 0 or 1) or ``2B`` samples."""
-        if scale in (0.0, 1.0):  # the other half would be thrown away: not computed
-            ctx = uncond_context if scale == 0.0 else context
-            timesteps = t.expand(latents.shape[0]).to(latents.device)
-            return self.predict(network, latents, timesteps, ctx, **model_kwargs)
-        timesteps = t.expand(2 * latents.shape[0]).to(latents.device)
-        doubled = {k: torch.cat([v, v]) for k, v in model_kwargs.items()}
-        both = self.predict(
-            network, torch.cat([latents, latents]), timesteps, torch.cat([uncond_context, context]), **doubled
+        timesteps = t.expand(latents.shape[0]).to(latents.device)
+        return guided_output(
+            functools.partial(self.predict, network), latents, timesteps, scale, context, uncond_context, model_kwargs
         )
-        pred_uncond, pred_cond = both.chunk(2)
-        return pred_uncond + scale * (pred_cond - pred_uncond)
 
     @torch.no_grad()
     def __call__(
@@ -257,6 +319,9 @@ class GuidedLatentSampler(Inferer):
         other.precision = check_precision(other.precision)
         other.guidance_interval = check_guidance_interval(other.guidance_interval)
         other.guidance_scale, other.compile = float(other.guidance_scale), bool(other.compile)
+        other.distilled_guidance = check_distilled_guidance(
+            other.distilled_guidance, other.guidance_scale, other.guidance_interval
+        )
         check_sampling_settings(
             other.num_inference_steps,
             other.guidance_scale,

@@ -36,6 +36,8 @@ class CaptionedGeneration:
         seed: seed of the first sample.
         batch_size: images per sampling batch.
         spacing_mm: in-plane pixel spacing of the slices, for the brain measures.
+        network: the UNet ``sampler`` runs (a guidance-distilled student, say), or ``None`` for the one the
+            caller passes.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class CaptionedGeneration:
         seed: int = 0,
         batch_size: int = 16,
         spacing_mm: float | Sequence[float] = 2.0,
+        network: torch.nn.Module | None = None,
     ) -> None:
         missing = [i for i, entry in enumerate(entries) if not str(entry.get("caption", "")).strip()]
         if missing:
@@ -57,6 +60,7 @@ class CaptionedGeneration:
         self.seed = seed
         self.batch_size = batch_size
         self.spacing_mm = spacing_mm
+        self.network = network
 
     @property
     def num_images(self) -> int:
@@ -80,7 +84,7 @@ class CaptionedGeneration:
             raise ValueError(f"{real.shape[0]} real images for {len(self.entries)} test entries.")
         fake = generate_images(
             self.sampler,
-            network,
+            network if self.network is None else self.network,
             prompt_encoder,
             latent_shape,
             len(self.entries),
@@ -101,6 +105,7 @@ class CaptionedGeneration:
             "guidance_scale": sampler.guidance_scale,
             "guidance_interval": None if sampler.guidance_interval is None else list(sampler.guidance_interval),
             "guided_steps": sampler.guided_steps(),
+            "distilled_guidance": sampler.distilled_guidance,
             "num_inference_steps": sampler.num_inference_steps,
             "eta": sampler.eta,
             "scheduler": sampler.scheduler_name,

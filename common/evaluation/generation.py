@@ -250,6 +250,11 @@ def results_table(results: Mapping[str, Any]) -> str:
                 if interval
                 else ""
             )
+            + (
+                " (guidance-distilled model: one UNet call per step)"
+                if captioned.get("distilled_guidance") is not None
+                else ""
+            )
             + f", {captioned['precision']}, the inference defaults; measured by the brain measures "
             "(common.evaluation.brain_measures)."
         )

@@ -87,15 +87,26 @@ def unpaired_weights(models_dir: str | Path) -> list[str]:
 
     A file recording ``depends_on: {"autoencoder": fp}`` is compared with ``models_dir/autoencoder.pt`` (entry
     ``"autoencoder"``, built from its architecture record). Dependencies that live elsewhere (another bundle's
-    folder) are not looked for here; loading checks them.
+    folder) are not looked for here; loading checks them. A guidance-distilled student
+    (:mod:`common.diffusion.distillation`) is compared with its teacher ``models_dir/diffusion_model.pt``.
     """
+    from common.diffusion.distillation import DISTILLATION_KEY, TEACHER_FILE
     from common.io.weights import load_weights
     from common.networks.architecture import network_from_weights
 
     problems = []
     folder = Path(models_dir)
     for path in sorted(folder.glob("*.pt")):
-        recorded = load_weights(path).get(DEPENDS_ON_KEY) or {}
+        weights = load_weights(path)
+        distilled = weights.get(DISTILLATION_KEY)
+        teacher = folder / TEACHER_FILE
+        if distilled is not None and teacher.is_file():
+            if state_fingerprint(load_weights(teacher)["unet"]) != distilled["teacher"]:
+                problems.append(
+                    f"{path.name} was distilled from another diffusion model than {teacher.name}: distil it again "
+                    "from this one (configs/distill_guidance.json), or leave it out"
+                )
+        recorded = weights.get(DEPENDS_ON_KEY) or {}
         for name, expected in recorded.items():
             dependency = folder / f"{name}.pt"
             if not dependency.is_file() or name not in DEPENDENCY_PARTS:

@@ -17,7 +17,15 @@ from common.diffusion.requests import SeededNoised, sample_requests
 from common.diffusion.sampling import ControlNetGuidedSampler, GuidedLatentSampler
 from common.diffusion.schedules import SchedulerSettings
 from common.engines.prepare_batch import LatentDiffusionPrepareBatch, PromptSamplingPrepareBatch
-from tests.conftest import IMAGE_SIZE, LATENT, make_autoencoder, make_controlnet, make_prompt_encoder, make_unet
+from tests.conftest import (
+    IMAGE_SIZE,
+    LATENT,
+    CallRecorder,
+    make_autoencoder,
+    make_controlnet,
+    make_prompt_encoder,
+    make_unet,
+)
 from tools import benchmark
 from tools.benchmarks import sampling as bench_sampling
 from tools.benchmarks import training as bench_training
@@ -214,6 +222,22 @@ def test_a_default_with_a_guidance_interval_is_timed_and_its_network_calls_repor
     assert not result["agreement"]["bundle_default"]["expected_same"]  # another sampler: not checked for equality
 
 
+def test_a_guidance_distilled_default_runs_its_own_network_once_per_step():
+    """The default sampler with a guidance-distilled UNet: that network, one call of B per step, reported so; the
+    reference and the anchors keep the diffusion model."""
+    setup = _sampling_setup(guidance=3.0, num_samples=2, steps=3)
+    student, teacher = CallRecorder(make_unet(seed=4)), CallRecorder(setup.network)
+    setup.network = teacher
+    setup.default_network = student
+    setup.default_sampler = setup.sampler.replaced(distilled_guidance=3.0)
+    result = bench_sampling.benchmark_sampling(setup, repeats=1)
+    assert result["candidates"]["bundle_default"]["calls_per_step"] == "1 x B (guidance-distilled UNet)"
+    assert result["candidates"]["bundle"]["calls_per_step"] == "1 x 2B"
+    assert student.batch_sizes == [2] * 3 * 2  # warm-up and one timed round, 3 steps each
+    assert set(teacher.batch_sizes) == {4}
+    assert not result["agreement"]["bundle_default"]["expected_same"]
+
+
 def test_the_compiled_candidate_compiles_a_copy_of_the_default_sampler_and_leaves_the_default_alone():
     setup = _sampling_setup(guidance=3.0, num_samples=1, steps=2)
     default = setup.sampler.replaced(precision="bf16")
@@ -353,6 +377,9 @@ def test_the_shipped_bundle_loads_and_its_baselines_agree():
     setup = bench_sampling.load_sampling_setup(
         benchmark.REPO_BUNDLES / "brain_t1_ldm", num_samples=1, steps=2, guidance=3.0, eta=0.0, seed=0
     )
+    # the shipped defaults sample guidance 3 with the guidance-distilled UNet; the reference with the diffusion model
+    assert setup.default_sampler.distilled_guidance == 3.0 and setup.sampler.distilled_guidance is None
+    assert setup.default_network is not None and setup.default_network is not setup.network
     outputs = {name: run() for name, run in bench_sampling.sampling_candidates(setup).items()}
     bf16 = outputs.pop("bundle_bf16")
     # the config's own 50 steps, not the benchmark's 2: what a run without options computes

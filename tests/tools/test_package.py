@@ -118,6 +118,17 @@ def test_refuses_shipped_weights_that_do_not_belong_together(tmp_path):
     assert not (tmp_path / "dist").exists()
 
 
+def test_refuses_a_distilled_model_beside_another_teacher(tmp_path):
+    """A guidance-distilled UNet beside a diffusion model it was not distilled from is not released."""
+    bundle = copy_bundle(tmp_path / "bundles")
+    teacher = torch.load(bundle / "models" / "diffusion_model.pt", weights_only=True)
+    student = {**teacher, "guidance_distillation": {"guidance_scale": 3.0, "teacher": "0" * 64}}
+    torch.save(student, bundle / "models" / "diffusion_model_distilled.pt")
+    with pytest.raises(PackagingError, match="diffusion_model_distilled.pt was distilled from another diffusion model"):
+        package_bundles(bundles_dir=str(tmp_path / "bundles"), output_dir=str(tmp_path / "dist"))
+    assert not (tmp_path / "dist").exists()
+
+
 def test_large_files_present_locally_are_packed_and_checked(tmp_path):
     bundle = copy_bundle(tmp_path / "bundles", models=False)
     (bundle / "models" / "full_size").mkdir(parents=True)

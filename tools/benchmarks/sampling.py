@@ -9,7 +9,8 @@ Candidates (each a call ``() -> images (B, 1, H, W)``):
 * ``bundle_bf16``: the same sampler with ``--precision bf16``.
 * ``bundle_default`` (where ``inference.json``'s defaults are not float32, guidance on every step, at ``--steps``):
   the bundle's sampler as the config runs it without options, its own ``num_inference_steps``, ``precision`` and
-  ``guidance_interval``.
+  ``guidance_interval``, and with ``guidance_distillation`` ``auto`` the guidance-distilled UNet where the bundle
+  has one for the guidance benchmarked (one call of ``B`` per step; the others run the diffusion model).
 * ``zoo_batched``: the MONAI Model Zoo CXR bundle's loop (``scripts/sampler.py`` of
   ``cxr_image_synthesis_latent_diffusion_model``): ``[x, x]`` with ``[uncond, cond]`` contexts through the
   network once per step, timesteps ``torch.Tensor((t,)).long()``, guidance, ``scheduler.step``, decode. It always
@@ -55,15 +56,21 @@ BASELINE = "zoo_batched"
 REFERENCE = "bundle"
 
 
-def calls_per_step(name: str, guidance: float) -> str:
+def calls_per_step(name: str, guidance: float, sampler: GuidedLatentSampler | None = None) -> str:
     """Network calls (UNet, or ControlNet + UNet) per denoising step x their batch, for ``B`` images.
 
     The bundle's sampler and the MONAI candidate run one half only at guidance 0 or 1; the anchors always run both.
+    ``sampler`` (a bundle candidate's) says more where it skips guidance: a distilled network, or an interval.
     """
     if name == "seed_two_call":
         return "2 x B"
     if (name.startswith("bundle") or name == "monai_inferer") and guidance in (0.0, 1.0):
         return "1 x B"
+    if sampler is not None and sampler.distilled_guidance is not None:
+        return "1 x B (guidance-distilled UNet)"
+    if sampler is not None and sampler.guidance_interval is not None:
+        guided, steps = sampler.guided_steps(), sampler.num_inference_steps
+        return f"1 x 2B on {guided} of {steps} steps, else 1 x B"
     return "1 x 2B"
 
 
@@ -90,6 +97,8 @@ class SamplingSetup:
         default_sampler: the bundle's sampler with the config's own ``num_inference_steps`` and ``precision``
             where those differ from the benchmark's (``sampler`` runs the benchmark's steps in float32, the
             reference the anchors' images are checked against); ``None`` where they are the same.
+        default_network: the network ``default_sampler`` runs where it is not ``network`` (the guidance-distilled
+            UNet), else ``None``.
     """
 
     bundle: str
@@ -101,6 +110,7 @@ class SamplingSetup:
     settings: SchedulerSettings
     extra: dict[str, Any] = field(default_factory=dict)
     default_sampler: GuidedLatentSampler | None = None
+    default_network: torch.nn.Module | None = None
 
     @property
     def num_samples(self) -> int:
@@ -294,12 +304,13 @@ def sampling_candidates(setup: SamplingSetup, compile: bool = False) -> dict[str
             return fast(inputs, setup.network, **prepared)
 
         candidates["bundle_bf16"] = bundle_bf16  # the bundle's sampler with --precision bf16
+    default_network = setup.default_network or setup.network
     if setup.default_sampler is not None:
         default_sampler = setup.default_sampler
 
         def bundle_default() -> torch.Tensor:
             inputs, prepared = setup.prepared()
-            return default_sampler(inputs, setup.network, **prepared)
+            return default_sampler(inputs, default_network, **prepared)
 
         candidates["bundle_default"] = bundle_default  # what inference.json runs without options
     if compile:
@@ -307,7 +318,7 @@ def sampling_candidates(setup: SamplingSetup, compile: bool = False) -> dict[str
 
         def bundle_default_compiled() -> torch.Tensor:
             inputs, prepared = setup.prepared()
-            return compiled(inputs, setup.network, **prepared)
+            return compiled(inputs, default_network, **prepared)
 
         candidates["bundle_default_compiled"] = bundle_default_compiled  # the same with --compile True
     return candidates
@@ -386,14 +397,10 @@ def benchmark_sampling(setup: SamplingSetup, repeats: int, compile: bool = False
     agreement = image_agreement(outputs, same)
     trials = run_interleaved(candidates, repeats)
     summary = summarize(trials, setup.num_samples, BASELINE)
-    for name in summary:
-        summary[name]["calls_per_step"] = calls_per_step(name, sampler.guidance_scale)
     default = setup.default_sampler
-    if default is not None and default.guidance_interval is not None and default.guidance_scale not in (0.0, 1.0):
-        guided, steps = default.guided_steps(), default.num_inference_steps
-        for name in ("bundle_default", "bundle_default_compiled"):
-            if name in summary:
-                summary[name]["calls_per_step"] = f"1 x 2B on {guided} of {steps} steps, else 1 x B"
+    for name in summary:
+        own = default if name in ("bundle_default", "bundle_default_compiled") else None
+        summary[name]["calls_per_step"] = calls_per_step(name, sampler.guidance_scale, own)
     return {
         "order": list(candidates),
         "baseline": BASELINE,
@@ -486,6 +493,9 @@ def load_sampling_setup(
         overrides["precision"] = "fp32"
     if "guidance_interval" in parser.config:  # the reference guides every step
         overrides["guidance_interval"] = None
+    if "guidance_distillation" in parser.config:  # ... with the diffusion model, not its guidance-distilled student
+        defaults["guidance_distillation"] = parser["guidance_distillation"]
+        overrides["guidance_distillation"] = False
     if guidance is not None:
         overrides["guidance_scale"] = float(guidance)
     if "num_samples" in parser.config:
@@ -493,16 +503,19 @@ def load_sampling_setup(
     for key, value in overrides.items():
         parser[key] = value
     sampler = parser.get_parsed_content("inferer")
+    default_network, distilled = _default_distilled_network(parser, defaults, sampler.guidance_scale)
     default_sampler = None
-    if (defaults["num_inference_steps"], defaults["precision"], defaults["guidance_interval"]) != (
+    if (defaults["num_inference_steps"], defaults["precision"], defaults["guidance_interval"], distilled) != (
         int(steps),
         "fp32",
+        None,
         None,
     ):
         default_sampler = sampler.replaced(
             num_inference_steps=int(defaults["num_inference_steps"]),
             precision=defaults["precision"],
             guidance_interval=defaults["guidance_interval"],
+            distilled_guidance=distilled,
         )
     network = parser.get_parsed_content("network")
     preprocessing = parser.get_parsed_content("preprocessing")
@@ -530,7 +543,32 @@ def load_sampling_setup(
             "config_defaults": defaults,
         },
         default_sampler=default_sampler,
+        default_network=default_network,
     )
+
+
+def _default_distilled_network(
+    parser: Any, defaults: Mapping[str, Any], guidance: float
+) -> tuple[torch.nn.Module | None, float | None]:
+    """The guidance-distilled UNet the config's defaults would sample with at ``guidance``, and its scale; or
+    ``(None, None)`` (no such option, no student, or one for another guidance)."""
+    if defaults.get("guidance_distillation", False) is False:
+        return None, None
+    from common.diffusion.distillation import choose_distilled_weights, distilled_scale, load_distilled_weights
+    from common.networks.architecture import network_from_weights
+
+    path = choose_distilled_weights(
+        parser.get_parsed_content("distilled_path"),
+        defaults["guidance_distillation"],
+        guidance,
+        defaults["guidance_interval"],
+    )
+    if path is None:
+        return None, None
+    weights = load_distilled_weights(
+        path, parser.get_parsed_content("checked_diffusion_weights"), parser.get_parsed_content("diffusion_path")
+    )
+    return network_from_weights(weights, "unet", path).eval(), distilled_scale(weights)
 
 
 def sampling_settings(setup: SamplingSetup, repeats: int) -> dict[str, Any]:

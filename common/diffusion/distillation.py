@@ -1,0 +1,190 @@
+"""Guidance distillation: a student UNet that gives the teacher's classifier-free guided output in one call.
+
+Classifier-free guidance costs two UNet evaluations per step (``[uncond, cond]``). Meng et al. 2023 ("On
+distillation of guided diffusion models", stage 1) train a student, initialised from the teacher, to output
+``uncond + s * (cond - uncond)`` of the teacher from the conditional input alone; sampling then calls it once per
+step (half the UNet work). Here the scale ``s`` is fixed at distillation (the bundle's default guidance); other
+scales sample with the teacher. The student's weight file records the scale and the teacher's fingerprint
+(:class:`DistillationRecord`), so a student is never used at a scale or beside a teacher it was not made for.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.diffusion.latent_space import ScaledLatentSpace
+from common.diffusion.sampling import guided_output
+from common.engines.precision import autocast, check_precision
+from common.engines.prepare_batch import LatentDiffusionPrepareBatch
+from common.io.weights import load_weights, state_fingerprint
+from common.networks.text_encoder import CLIPPromptEncoder
+
+#: Record key, inside a student's weight file, of its distillation (:class:`DistillationRecord`).
+DISTILLATION_KEY = "guidance_distillation"
+
+#: The teacher's file name in a bundle's ``models/`` (the student is ``diffusion_model_distilled.pt`` beside it).
+TEACHER_FILE = "diffusion_model.pt"
+
+
+class GuidanceDistillationPrepareBatch(LatentDiffusionPrepareBatch):
+    """Batch dict -> noised-latent example whose target is the teacher's guided output at ``guidance_scale``.
+
+    Latents, noise and timesteps are drawn as for training the teacher (cached moments, uniform timesteps); the
+    ``DiffusionInferer`` noises the latents with the same noise and timesteps, so the student sees exactly the
+    ``x_t`` the teacher was asked about. Prompts dropped to ``""`` (``PromptDropoutd``) give the unconditional
+    output, which keeps the student's empty-prompt behaviour.
+
+    Returns ``(latents, target, (), {"noise", "timesteps", "condition"})``; ``target`` ``(B, c, h, w)`` float32.
+
+    Args:
+        teacher: the trained UNet, frozen here (eval mode, no gradients).
+        guidance_scale: the scale distilled (above 1).
+        precision: ``"fp32"`` or ``"bf16"`` for the teacher's calls (the sampler's precision option).
+        empty_prompt: the unconditional prompt the teacher was trained with.
+    """
+
+    def __init__(
+        self,
+        latent_space: ScaledLatentSpace,
+        prompt_encoder: CLIPPromptEncoder,
+        scheduler: torch.nn.Module,
+        teacher: torch.nn.Module,
+        guidance_scale: float,
+        precision: str = "fp32",
+        image_key: str = "image",
+        prompt_key: str = "caption",
+        empty_prompt: str = "",
+    ) -> None:
+        super().__init__(latent_space, prompt_encoder, scheduler, image_key=image_key, prompt_key=prompt_key)
+        self.guidance_scale = check_distilled_scale(guidance_scale)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.precision = check_precision(precision)
+        self.empty_prompt = empty_prompt
+
+    def __call__(self, batchdata: Mapping[str, Any], device=None, non_blocking: bool = False, **kwargs: Any):
+        latents = self.latents(batchdata, device, non_blocking, **kwargs)
+        noise = self.get_noise(latents)
+        timesteps = self.get_timesteps(latents)
+        context = self.prompt_encoder(list(batchdata[self.prompt_key]))
+        target = self.teacher_output(latents, noise, timesteps, context)
+        return latents, target, (), {"noise": noise, "timesteps": timesteps, "condition": context}
+
+    @torch.no_grad()
+    def teacher_output(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """The teacher's guided output ``(B, c, h, w)`` at the noised ``latents``."""
+        noisy = self.scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
+        uncond = self.prompt_encoder([self.empty_prompt] * latents.shape[0]).to(context.device)
+        self.teacher.eval()
+        with autocast(self.precision, latents.device):
+            out = guided_output(
+                functools.partial(_call_unet, self.teacher), noisy, timesteps, self.guidance_scale, context, uncond
+            )
+        return out.float()
+
+
+def _call_unet(unet: torch.nn.Module, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    return unet(x, timesteps=timesteps, context=context)
+
+
+def check_distilled_scale(scale: float) -> float:
+    """``scale`` as a float; refused unless above 1 (at 0 and 1 guidance already costs one call)."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 1.0:
+        raise ValueError(f"The distilled guidance scale must be a number above 1, got {scale!r}.")
+    return float(scale)
+
+
+class DistillationRecord:
+    """Exported beside the student's weights (``"guidance_distillation"`` entry): the scale and the teacher.
+
+    ``state_dict()`` ``{"guidance_scale": s, "teacher": fingerprint}``; the fingerprint is the teacher's whole state
+    (:func:`common.io.weights.state_fingerprint`), taken at export.
+    """
+
+    def __init__(self, teacher: torch.nn.Module, guidance_scale: float) -> None:
+        self.teacher = teacher
+        self.guidance_scale = check_distilled_scale(guidance_scale)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"guidance_scale": self.guidance_scale, "teacher": teacher_fingerprint(self.teacher)}
+
+
+def teacher_fingerprint(teacher: torch.nn.Module) -> str:
+    """Fingerprint of the teacher UNet's weights (a DDP wrapper is looked through)."""
+    return state_fingerprint(getattr(teacher, "module", teacher).state_dict(), None)
+
+
+def distilled_scale(weights: Mapping[str, Any]) -> float | None:
+    """The guidance scale a loaded weight file was distilled for, or ``None`` for an ordinary diffusion model."""
+    record = weights.get(DISTILLATION_KEY)
+    return None if record is None else float(record["guidance_scale"])
+
+
+def choose_distilled_weights(
+    distilled_path: str | Path,
+    guidance_distillation: str | bool,
+    guidance_scale: float,
+    guidance_interval: Sequence[float] | None = None,
+) -> str | None:
+    """The guidance-distilled student's weight file to sample with, or ``None`` to sample with the diffusion model.
+
+    ``guidance_distillation`` ``"auto"`` takes the student when ``distilled_path`` exists, was distilled at
+    ``guidance_scale``, and no ``guidance_interval`` is asked (the student guides every step); ``True`` insists on it
+    (a missing file or another scale is an error naming the fix); ``False`` never takes it.
+    """
+    if not (guidance_distillation == "auto" or isinstance(guidance_distillation, bool)):
+        raise ValueError(f"`guidance_distillation` must be 'auto', true or false, got {guidance_distillation!r}.")
+    if guidance_distillation is False:
+        return None
+    path = Path(distilled_path)
+    if not path.is_file():
+        if guidance_distillation is True:
+            raise FileNotFoundError(
+                f"--guidance_distillation true needs the distilled model {path}; make it with configs/"
+                "distill_guidance.json, or sample with the diffusion model (--guidance_distillation false)."
+            )
+        return None
+    scale = distilled_scale(load_weights(path))
+    reasons = []
+    if scale is None:
+        reasons.append(f"it has no {DISTILLATION_KEY!r} record (not made by configs/distill_guidance.json)")
+    elif scale != float(guidance_scale):
+        reasons.append(f"it was distilled at guidance {scale:g}, and {float(guidance_scale):g} is asked")
+    if guidance_interval is not None:
+        reasons.append("it guides every step, and a guidance interval is asked")
+    if not reasons:
+        return str(path)
+    if guidance_distillation is True:
+        raise ValueError(
+            f"The distilled model {path} cannot sample here: {'; '.join(reasons)}. Use --guidance_distillation auto "
+            "or false (the diffusion model samples any guidance)."
+        )
+    return None
+
+
+def load_distilled_weights(
+    path: str | Path | None, diffusion_weights: Mapping[str, Any], diffusion_path: str | Path
+) -> dict[str, Any] | None:
+    """The student's weights at ``path`` (``None`` gives ``None``), checked to be distilled from ``diffusion_weights``.
+
+    A student distilled from other weights than the bundle's diffusion model would give another model's images
+    under this bundle's name: refused, with the fix.
+    """
+    if path is None:
+        return None
+    weights = load_weights(path)
+    record = weights.get(DISTILLATION_KEY)
+    if record is None:
+        raise ValueError(f"{path} is not a guidance-distilled model (it has no {DISTILLATION_KEY!r} record).")
+    if record["teacher"] != state_fingerprint(diffusion_weights["unet"]):
+        raise ValueError(
+            f"{path} was distilled from another diffusion model than {diffusion_path}. Distil it again from this one "
+            "(configs/distill_guidance.json), or sample with the diffusion model (--guidance_distillation false)."
+        )
+    return weights
