@@ -103,6 +103,15 @@ STANDARD_OPTIONS: dict[str, dict[str, Any]] = {
         "help": "guide only the steps whose noise level sigma is in (low, high], the others conditional "
         "(null: every step)",
     },
+    "guidance_distillation": {
+        "schema": {"enum": ["auto", True, False]},
+        "help": "sample with the guidance-distilled UNet, one call per step: auto (when its file exists and it learned "
+        "the guidance asked), True or False",
+    },
+    "distilled_path": {
+        "schema": {"type": "string", "minLength": 1},
+        "help": "guidance-distilled diffusion UNet weight file (configs/distill_guidance.json)",
+    },
     "num_inference_steps": {
         "schema": _STEPS,
         "help": "sampling steps (at most the training timesteps)",
@@ -207,6 +216,10 @@ STANDARD_OPTIONS: dict[str, dict[str, Any]] = {
     "clip_learning_rate": {"schema": _RATE, "help": "CLIP learning rate"},
     "clip_weight_decay": {"schema": _WEIGHT, "help": "CLIP AdamW weight decay"},
     "sample_guidance_scale": {"schema": _GUIDANCE, "help": "guidance of the TensorBoard sample images"},
+    "distilled_guidance_scale": {
+        "schema": {"type": "number", "exclusiveMinimum": 1, "maximum": 100},
+        "help": "the guidance scale distill_guidance.json's student learns",
+    },
     # evaluation of generation
     "eval_num_samples": {"schema": {"type": "integer", "minimum": 2}, "help": "samples generated for evaluation"},
     "eval_guidance_scale": {"schema": _GUIDANCE, "help": "guidance of the evaluation samples"},

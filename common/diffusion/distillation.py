@@ -139,15 +139,15 @@ def choose_distilled_weights(
     (a missing file or another scale is an error naming the fix); ``False`` never takes it.
     """
     if not (guidance_distillation == "auto" or isinstance(guidance_distillation, bool)):
-        raise ValueError(f"`guidance_distillation` must be 'auto', true or false, got {guidance_distillation!r}.")
+        raise ValueError(f"`guidance_distillation` must be 'auto', True or False, got {guidance_distillation!r}.")
     if guidance_distillation is False:
         return None
     path = Path(distilled_path)
     if not path.is_file():
         if guidance_distillation is True:
             raise FileNotFoundError(
-                f"--guidance_distillation true needs the distilled model {path}; make it with configs/"
-                "distill_guidance.json, or sample with the diffusion model (--guidance_distillation false)."
+                f"--guidance_distillation True needs the distilled model {path}; make it with configs/"
+                "distill_guidance.json, or sample with the diffusion model (--guidance_distillation False)."
             )
         return None
     scale = distilled_scale(load_weights(path))
@@ -185,6 +185,6 @@ def load_distilled_weights(
     if record["teacher"] != state_fingerprint(diffusion_weights["unet"]):
         raise ValueError(
             f"{path} was distilled from another diffusion model than {diffusion_path}. Distil it again from this one "
-            "(configs/distill_guidance.json), or sample with the diffusion model (--guidance_distillation false)."
+            "(configs/distill_guidance.json), or sample with the diffusion model (--guidance_distillation False)."
         )
     return weights

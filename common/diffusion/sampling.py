@@ -74,7 +74,7 @@ def check_distilled_guidance(
         asked = f"guidance {guidance_scale:g}" + ("" if guidance_interval is None else f" in {list(guidance_interval)}")
         raise ValueError(
             f"The network is guidance-distilled for guidance {distilled:g} at every step; {asked} is asked. Sample "
-            "with the diffusion model it was distilled from (--guidance_distillation false)."
+            "with the diffusion model it was distilled from (--guidance_distillation False)."
         )
     return distilled
 

@@ -69,6 +69,8 @@ class ConditionAdherence:
         samples_per_prompt: images per prompt.
         seed: seed of the first sample of each prompt.
         batch_size: images per sampling batch.
+        network: the UNet ``sampler`` runs (a guidance-distilled student, say), or ``None`` for the one the caller
+            passes.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class ConditionAdherence:
         samples_per_prompt: int = 10,
         seed: int = 0,
         batch_size: int = 16,
+        network: torch.nn.Module | None = None,
     ) -> None:
         if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be an integer >= 1, got {samples_per_prompt!r}.")
@@ -91,6 +94,7 @@ class ConditionAdherence:
         self.samples_per_prompt = samples_per_prompt
         self.seed = seed
         self.batch_size = batch_size
+        self.network = network
 
     @property
     def num_images(self) -> int:
@@ -109,6 +113,7 @@ class ConditionAdherence:
         ``per_prompt`` holds the mean probability of the finding over the images of each prompt, which shows
         which wording the model follows and which it ignores.
         """
+        network = network if self.network is None else self.network
         aurocs: dict[str, float | None] = {}
         per_prompt: dict[str, dict[str, float]] = {}
         for entry in self.prompts:
@@ -143,6 +148,7 @@ class ConditionAdherence:
             "samples_per_prompt": self.samples_per_prompt,
             "guidance_scale": self.sampler.guidance_scale,
             "guidance_interval": _as_list(getattr(self.sampler, "guidance_interval", None)),
+            "distilled_guidance": getattr(self.sampler, "distilled_guidance", None),
             "num_inference_steps": self.sampler.num_inference_steps,
             "scheduler": self.sampler.scheduler_name,
         }

@@ -227,7 +227,7 @@ def results_table(results: Mapping[str, Any]) -> str:
         sampling += (
             f" Condition adherence: {adherence['samples_per_prompt']} samples per prompt that states or negates each "
             f"finding, {adherence['scheduler'].upper()} {adherence['num_inference_steps']} steps, guidance "
-            f"{adherence['guidance_scale']}, scored by the phantom finding classifier."
+            f"{adherence['guidance_scale']}{_distilled_note(adherence)}, scored by the phantom finding classifier."
         )
     if captioned := results.get("captioned_generation"):
         generated = captioned["condition_adherence"]["generated"]
@@ -250,17 +250,18 @@ def results_table(results: Mapping[str, Any]) -> str:
                 if interval
                 else ""
             )
-            + (
-                " (guidance-distilled model: one UNet call per step)"
-                if captioned.get("distilled_guidance") is not None
-                else ""
-            )
+            + _distilled_note(captioned)
             + f", {captioned['precision']}, the inference defaults; measured by the brain measures "
             "(common.evaluation.brain_measures)."
         )
     if note := weights_note(results.get("provenance", {})):
         sampling += f"\n\n{note}"
     return "\n".join(rows) + f"\n\n{sampling}\n\nProduced by:\n\n```bash\n{results['command']}\n```\n"
+
+
+def _distilled_note(settings: Mapping[str, Any]) -> str:
+    """Said after the guidance of samples that a guidance-distilled UNet made."""
+    return " (guidance-distilled UNet: one call per step)" if settings.get("distilled_guidance") is not None else ""
 
 
 def _number(value: float | None) -> str:

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from common.data.brain.phantoms import PhantomGeometry, write_phantom_dataset
-from common.io.weights import load_weights, state_fingerprint
+from common.io.weights import load_weights
 from tests.helpers import REPO_ROOT
 from tests.helpers.bundle_copy import copy_bundle
 from tests.helpers.bundle_runs import (
     bundle_env,
+    distil_and_sample,
     error_text,
     kill_at_checkpoint,
     scratch_model_dir,
@@ -162,75 +163,12 @@ def test_inference_with_trained_weights_is_deterministic(trained, tmp_path):
 
 EVAL = ["inference.json", "evaluate.json"]
 QUICK_EVAL = {"eval_num_inference_steps": 2, "feature_extractor_weights": str(SHIPPED / "feature_network.pt")}
-DISTILL = ["train_autoencoder.json", "train_diffusion.json", "distill_guidance.json"]
-
-
-def _unet_batch_sizes(wf) -> list[int]:
-    """Batch size of every call of the workflow's sampling UNet, recorded while it runs."""
-    sizes: list[int] = []
-    wf.parser.get_parsed_content("network").register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
-    return sizes
 
 
 def test_guidance_distillation_makes_the_student_inference_samples_with(trained, phantoms, tmp_path):
-    """distill_guidance.json exports a student recording its guidance scale and its teacher. Installed beside the
-    teacher, inference at that guidance samples with it (one UNet call of B per step, said in the sidecar and the
-    provenance), at another guidance with the teacher; --guidance_distillation true there stops before any work;
-    evaluation samples its unconditional images with the teacher and the captioned ones with the student."""
-    models = tmp_path / "models"
-    shutil.copytree(trained, models)
-    run = workflow(
-        DISTILL,
-        "train",
-        dataset_dir=str(phantoms),
-        model_dir=str(models),
-        run_dir=str(tmp_path / "run"),
-        install_weights=True,
-        **TINY_LDM,
-    )
-    run.run()
-    run.finalize()
-    student = load_weights(models / "diffusion_model_distilled.pt")
-    teacher = load_weights(models / "diffusion_model.pt")
-    assert student["guidance_distillation"] == {
-        "guidance_scale": 3.0,
-        "teacher": state_fingerprint(teacher["unet"]),
-    }
-    assert student["depends_on"] == teacher["depends_on"] and student["latent"] == teacher["latent"]
-    assert any(not torch.equal(student["unet"][k], v) for k, v in teacher["unet"].items()), "the student trained"
-
-    for guidance, distilled in ((3.0, True), (5.0, False)):
-        out = tmp_path / f"out_{guidance:g}"
-        wf = workflow(
-            "inference.json",
-            "infer",
-            model_dir=str(models),
-            output_dir=str(out),
-            num_samples=2,
-            num_inference_steps=3,
-            guidance_scale=guidance,
-            progress=False,
-        )
-        sizes = _unet_batch_sizes(wf)
-        wf.run()
-        wf.finalize()
-        assert sizes == [2 if distilled else 4] * 3
-        sidecar = json.loads(next(out.glob("*.json")).read_text())
-        assert sidecar["guidance_distilled"] is distilled and sidecar["guidance_scale"] == guidance
-        assert ("diffusion_model_distilled" in sidecar["weights"]) is distilled
-
-    with pytest.raises(Exception) as info:
-        workflow(
-            "inference.json",
-            "infer",
-            model_dir=str(models),
-            output_dir=str(tmp_path / "refused"),
-            guidance_scale=5.0,
-            guidance_distillation=True,
-        ).run()
-    assert "distilled at guidance 3, and 5 is asked" in error_text(info.value)
-    assert not (tmp_path / "refused").exists()
-
+    """distill_guidance.json makes a student that inference samples with at guidance 3 (``distil_and_sample``);
+    evaluation samples its unconditional images with the teacher and its captioned ones with the student."""
+    models = distil_and_sample(BUNDLE, trained, phantoms, tmp_path, TINY_LDM, scale=3.0)
     wf = workflow(EVAL, "infer", model_dir=str(models), dataset_dir=str(phantoms), eval_num_samples=4, **QUICK_EVAL)
     assert wf.parser.get_parsed_content("evaluation").network is wf.parser.get_parsed_content("base_network")
     results = wf.parser.get_parsed_content("evaluation").run()

@@ -22,6 +22,7 @@ from tests.helpers import REPO_ROOT
 from tests.helpers.bundle_runs import (
     TINY_CLIP,
     bundle_env,
+    distil_and_sample,
     error_text,
     kill_at_checkpoint,
     scratch_model_dir,
@@ -323,6 +324,35 @@ def test_evaluate_reports_fidelity_diversity_fid_and_adherence(trained, phantoms
     assert set(adherence["per_prompt"]["pleural_effusion"]) == {"Large left pleural effusion.", "No pleural effusion."}
     assert set(results["provenance"]["weights"]) == {"autoencoder", "diffusion_model", "text_encoder"}
     assert bundle_files() == before, "evaluation without --publish must leave the bundle as it was"
+
+
+def test_guidance_distillation_makes_the_student_inference_and_adherence_sample_with(
+    trained, phantoms, classifier, tmp_path
+):
+    """distill_guidance.json makes a student that inference samples with at guidance 7 (``distil_and_sample``); the
+    adherence images (guidance 7) come from it too, the unconditional ones from the teacher."""
+    models = distil_and_sample(BUNDLE, trained, phantoms, tmp_path, TINY_LDM, scale=7.0)
+    wf = workflow(
+        EVAL,
+        "infer",
+        model_dir=str(models),
+        dataset_dir=str(phantoms),
+        finding_classifier_path=str(classifier),
+        test_limit=4,
+        eval_num_samples=4,
+        eval_batch_size=4,
+        eval_num_inference_steps=2,
+        adherence_samples_per_prompt=1,
+        adherence_prompts={
+            "pleural_effusion": {"stated": ["Large left pleural effusion."], "negated": ["No pleural effusion."]}
+        },
+    )
+    evaluation = wf.parser.get_parsed_content("evaluation")
+    assert evaluation.network is wf.parser.get_parsed_content("base_network")
+    assert evaluation.adherence.network is wf.parser.get_parsed_content("network")
+    results = evaluation.run()
+    assert results["condition_adherence"]["distilled_guidance"] == 7.0
+    assert {"diffusion_model", "diffusion_model_distilled"} <= set(results["provenance"]["weights"])
 
 
 # ---------------------------------------------------------------------------------------------- configuration

@@ -90,6 +90,83 @@ def train_tiny_latent_diffusion(
     return weights
 
 
+def distil_and_sample(bundle: Path, trained: Path, dataset_dir: Path, out: Path, ldm: dict, scale: float) -> Path:
+    """Guidance distillation through ``bundle``'s shipped configs, then inference at and off the distilled guidance.
+
+    Checks what every bundle with ``distill_guidance.json`` must give: the student records its guidance scale and its
+    teacher; installed beside the teacher, inference at ``scale`` samples with it (one UNet call of B per step, said
+    in the sidecar and the provenance), at another guidance with the teacher (2B); insisting on the student there
+    stops before any work. Returns the model folder holding teacher and student (a copy of ``trained``).
+    """
+    import json
+
+    import pytest
+    import torch
+
+    from common.io.weights import state_fingerprint
+
+    models = out / "models"
+    shutil.copytree(trained, models)
+    configs = ["train_autoencoder.json", "train_diffusion.json", "distill_guidance.json"]
+    run = workflow(
+        bundle,
+        configs,
+        "train",
+        dataset_dir=str(dataset_dir),
+        model_dir=str(models),
+        run_dir=str(out / "run"),
+        install_weights=True,
+        **ldm,
+    )
+    run.run()
+    run.finalize()
+    student = load_weights(models / "diffusion_model_distilled.pt")
+    teacher = load_weights(models / "diffusion_model.pt")
+    assert student["guidance_distillation"] == {"guidance_scale": scale, "teacher": state_fingerprint(teacher["unet"])}
+    assert student["depends_on"] == teacher["depends_on"] and student["latent"] == teacher["latent"]
+    assert any(not torch.equal(student["unet"][k], v) for k, v in teacher["unet"].items()), "the student trained"
+
+    other = scale + 2.0
+    for guidance, distilled in ((scale, True), (other, False)):
+        images = out / f"images_{guidance:g}"
+        wf = workflow(
+            bundle,
+            "inference.json",
+            "infer",
+            model_dir=str(models),
+            output_dir=str(images),
+            num_samples=2,
+            batch_size=2,
+            num_inference_steps=3,
+            guidance_scale=guidance,
+            progress=False,
+        )
+        sizes: list[int] = []
+        unet = wf.parser.get_parsed_content("network")
+        unet.register_forward_pre_hook(lambda module, args, sizes=sizes: sizes.append(args[0].shape[0]))
+        wf.run()
+        wf.finalize()
+        assert sizes == [2 if distilled else 4] * 3
+        sidecar = json.loads(next(images.glob("*.json")).read_text())
+        assert sidecar["guidance_distilled"] is distilled and sidecar["guidance_scale"] == guidance
+        assert ("diffusion_model_distilled" in sidecar["weights"]) is distilled
+
+    refused = out / "refused"
+    with pytest.raises(Exception) as info:
+        workflow(
+            bundle,
+            "inference.json",
+            "infer",
+            model_dir=str(models),
+            output_dir=str(refused),
+            guidance_scale=other,
+            guidance_distillation=True,
+        ).run()
+    assert f"distilled at guidance {scale:g}, and {other:g} is asked" in error_text(info.value)
+    assert not refused.exists()
+    return models
+
+
 def error_chain(err: BaseException | None) -> Iterator[BaseException]:
     """The error and every error it was raised from (MONAI wraps config errors)."""
     while err is not None:

@@ -98,7 +98,7 @@ def test_a_distilled_network_is_called_once_per_step_on_the_conditional_context(
     [(5.0, None), (0.0, None), (3.0, (1.0, 10.0))],
 )
 def test_a_distilled_network_refuses_guidance_it_cannot_give(latent_space, guidance, interval):
-    with pytest.raises(ValueError, match="guidance-distilled for guidance 3 .*--guidance_distillation false"):
+    with pytest.raises(ValueError, match="guidance-distilled for guidance 3 .*--guidance_distillation False"):
         _sampler(latent_space, guidance_scale=guidance, guidance_interval=interval, distilled_guidance=3.0)
     sampler = _sampler(latent_space, distilled_guidance=3.0)
     with pytest.raises(ValueError, match="guidance-distilled"):
@@ -134,7 +134,7 @@ def test_insisting_on_a_student_that_cannot_serve_names_the_fix(tmp_path):
         choose_distilled_weights(path, True, 3.0, guidance_interval=(1.0, 10.0))
     with pytest.raises(FileNotFoundError, match="distill_guidance.json"):
         choose_distilled_weights(tmp_path / "absent.pt", True, 3.0)
-    with pytest.raises(ValueError, match="'auto', true or false"):
+    with pytest.raises(ValueError, match="'auto', True or False"):
         choose_distilled_weights(path, "yes", 3.0)
 
 

@@ -48,6 +48,7 @@ class Sampler:
         "ddim",
         "bf16",
     )
+    distilled_guidance = None
 
     def __init__(self, follow: bool) -> None:
         self.follow = follow
