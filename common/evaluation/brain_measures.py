@@ -482,3 +482,50 @@ def measurement_ceiling(
         raise ValueError("measurement_ceiling needs at least one entry.")
     measured = [measure_slice(load(entry), spacing_mm) for entry in entries]
     return adherence_scores(list(entries), measured)
+
+
+class BrainMeasureAdherence:
+    """Adherence of generated brain slices to the facts of their captions, by the brain measures (for
+    :class:`common.evaluation.captioned.CaptionedGeneration`).
+
+    ``self(entries, images (N, 1, H, W))`` measures each slice (:func:`measure_slices`) and scores it against its
+    entry's facts (:func:`adherence_scores`); undefined correlations (a constant request, a model that ignores its
+    captions) are ``None``, without warnings.
+    """
+
+    description = "the brain measures (common.evaluation.brain_measures)"
+
+    def __init__(self, spacing_mm: float | Sequence[float] = 2.0) -> None:
+        self.spacing_mm = spacing_mm
+
+    def __call__(self, entries: Sequence[Mapping[str, Any]], images: Any) -> dict[str, dict[str, Any]]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return adherence_scores(entries, measure_slices(np.asarray(images)[:, 0], self.spacing_mm))
+
+    @staticmethod
+    def metrics(scores: Mapping[str, Any]) -> dict[str, float | None]:
+        """The headline figures of :meth:`__call__`'s scores, by metric name."""
+        return {
+            "ventricle_adherence_pearson_r": scores["ventricle"]["pearson_r"],
+            "ventricle_size_word_accuracy": scores["ventricle"]["size_word_accuracy"],
+            "csf_fraction_pearson_r": scores["csf_fraction"]["pearson_r"],
+            "gm_fraction_pearson_r": scores["gm_fraction"]["pearson_r"],
+            "wm_fraction_pearson_r": scores["wm_fraction"]["pearson_r"],
+        }
+
+    @staticmethod
+    def summary(generated: Mapping[str, Any], real: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Rows of the results table: the generated images' figure beside the real images' (its ceiling)."""
+        return [
+            {
+                "measure": "ventricle adherence Pearson r (requested volume vs measured area)",
+                "generated": generated["ventricle"]["pearson_r"],
+                "real": real["ventricle"]["pearson_r"],
+            },
+            {
+                "measure": "ventricle size word accuracy",
+                "generated": generated["ventricle"]["size_word_accuracy"],
+                "real": real["ventricle"]["size_word_accuracy"],
+            },
+        ]

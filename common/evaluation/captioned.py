@@ -1,23 +1,22 @@
-"""Generation from the test captions, with the sampler users sample with: realism and condition adherence.
+"""Generation from the test set's own text, with the sampler users sample with: realism and condition adherence.
 
 The unconditional figures (FID and diversity at guidance 0) say whether the model learned the image distribution;
-they say nothing about the guided sampling a user runs. Here every real test slice gets one generated slice from its
-own caption, sampled with the inference settings (guidance scale and interval, steps, precision), and the generated
-set is judged against the real test slices (FID, diversity) and against the caption facts (the brain measures'
-ventricle and tissue adherence, next to the same scores of the real slices, which bound them).
+they say nothing about the guided sampling a user runs. Here every real test image gets one generated image from its
+own text (a brain slice's caption, a radiograph's report), sampled with the inference settings (guidance scale and
+interval, steps, precision, the guidance-distilled UNet where inference uses it), and the generated set is judged
+against the real test images (FID, diversity) and against the facts of each study (an adherence measure: the brain
+measures, or the finding classifier), next to the same scores of the real images, which bound them.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from common.diffusion.sampling import GuidedLatentSampler
-from common.evaluation.brain_measures import adherence_scores, measure_slices
 from common.evaluation.generation import generate_images
 from common.metrics.fid import frechet_distance
 from common.metrics.ms_ssim import pairwise_ms_ssim
@@ -26,16 +25,32 @@ from common.networks.text_encoder import CLIPPromptEncoder
 logger = logging.getLogger(__name__)
 
 
+class TextAdherence(Protocol):
+    """How well images show the facts of the studies they stand for
+    (:class:`common.evaluation.brain_measures.BrainMeasureAdherence`,
+    :class:`common.evaluation.findings.FindingAdherence`)."""
+
+    description: str
+
+    def __call__(self, entries: Sequence[Mapping[str, Any]], images: torch.Tensor) -> dict[str, Any]: ...
+
+    def metrics(self, scores: Mapping[str, Any]) -> dict[str, float | None]: ...
+
+    def summary(self, generated: Mapping[str, Any], real: Mapping[str, Any]) -> list[dict[str, Any]]: ...
+
+
 class CaptionedGeneration:
-    """One generated slice per test slice, from the slice's caption (sample ``i`` from noise seeded ``seed + i``).
+    """One generated image per test image, from the study's own text (sample ``i`` from noise seeded ``seed + i``).
 
     Args:
         sampler: the guided sampler being judged (the inference defaults: guidance, interval, steps, precision).
-        entries: the test datalist entries, in the order of the real images; each has ``caption`` and the
-            phantom facts (``ventricle_volume_ml``, tissue fractions) that :func:`adherence_scores` reads.
+        entries: the test datalist entries, in the order of the real images; each has a text under one of
+            ``prompt_keys`` and the facts ``adherence`` reads.
+        adherence: scores images against the entries' facts.
         seed: seed of the first sample.
         batch_size: images per sampling batch.
-        spacing_mm: in-plane pixel spacing of the slices, for the brain measures.
+        prompt_keys: entry keys of the prompt, the first non-empty one is used (``("impression", "findings")``: a
+            report's impression, or its findings where it has none).
         network: the UNet ``sampler`` runs (a guidance-distilled student, say), or ``None`` for the one the
             caller passes.
     """
@@ -44,23 +59,33 @@ class CaptionedGeneration:
         self,
         sampler: GuidedLatentSampler,
         entries: Sequence[Mapping[str, Any]],
+        adherence: TextAdherence,
         seed: int = 0,
         batch_size: int = 16,
-        spacing_mm: float | Sequence[float] = 2.0,
+        prompt_keys: Sequence[str] = ("caption",),
         network: torch.nn.Module | None = None,
     ) -> None:
-        missing = [i for i, entry in enumerate(entries) if not str(entry.get("caption", "")).strip()]
+        self.prompt_keys = (prompt_keys,) if isinstance(prompt_keys, str) else tuple(prompt_keys)
+        self.entries = list(entries)
+        self.prompts = [self._prompt(entry) for entry in self.entries]
+        missing = [i for i, prompt in enumerate(self.prompts) if not prompt]
         if missing:
             raise ValueError(
-                f"{len(missing)} test entries have no caption (first: index {missing[0]}): captioned generation needs "
-                "the datalist's `caption` of every entry (make-brain-phantoms writes them)."
+                f"{len(missing)} test entries have no caption (first: index {missing[0]}): this evaluation needs a "
+                f"text under {list(self.prompt_keys)} for every entry (make-brain-phantoms and make-cxr-phantoms "
+                "write them)."
             )
         self.sampler = sampler
-        self.entries = list(entries)
+        self.adherence = adherence
         self.seed = seed
         self.batch_size = batch_size
-        self.spacing_mm = spacing_mm
         self.network = network
+
+    def _prompt(self, entry: Mapping[str, Any]) -> str:
+        for key in self.prompt_keys:
+            if text := str(entry.get(key) or "").strip():
+                return text
+        return ""
 
     @property
     def num_images(self) -> int:
@@ -89,19 +114,17 @@ class CaptionedGeneration:
             latent_shape,
             len(self.entries),
             self.seed,
-            prompt=[entry["caption"] for entry in self.entries],
+            prompt=self.prompts,
             batch_size=self.batch_size,
             device=device,
         )
         diversity, diversity_std = pairwise_ms_ssim(fake, seed=self.seed)
-        with warnings.catch_warnings():  # a constant requested fact (few test subjects) warns; None is reported
-            warnings.simplefilter("ignore")
-            generated = adherence_scores(self.entries, measure_slices(fake[:, 0].numpy(), self.spacing_mm))
-            ceiling = adherence_scores(self.entries, measure_slices(real[:, 0].numpy(), self.spacing_mm))
+        generated = self.adherence(self.entries, fake)
+        ceiling = self.adherence(self.entries, real)
         sampler = self.sampler
         return {
             "num_samples": int(fake.shape[0]),
-            "prompts": "the caption of each test slice, one sample each",
+            "prompts": f"the text of each test study ({' or '.join(self.prompt_keys)}), one sample each",
             "guidance_scale": sampler.guidance_scale,
             "guidance_interval": None if sampler.guidance_interval is None else list(sampler.guidance_interval),
             "guided_steps": sampler.guided_steps(),
@@ -115,20 +138,19 @@ class CaptionedGeneration:
             ),
             "diversity_ms_ssim": diversity,
             "diversity_ms_ssim_std": diversity_std,
-            "condition_adherence": {"generated": generated, "real_test_slices": ceiling},
+            "condition_adherence": {
+                "measured_by": self.adherence.description,
+                "generated": generated,
+                "real_test_images": ceiling,
+                "summary": self.adherence.summary(generated, ceiling),
+            },
         }
 
-    @staticmethod
-    def metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    def metrics(self, result: Mapping[str, Any]) -> dict[str, float]:
         """The headline figures of a result of this class, flat and rounded (``None`` ones left out)."""
-        generated = result["condition_adherence"]["generated"]
         values = {
             "captioned_fid": result["fid"],
             "captioned_diversity_ms_ssim": result["diversity_ms_ssim"],
-            "ventricle_adherence_pearson_r": generated["ventricle"]["pearson_r"],
-            "ventricle_size_word_accuracy": generated["ventricle"]["size_word_accuracy"],
-            "csf_fraction_pearson_r": generated["csf_fraction"]["pearson_r"],
-            "gm_fraction_pearson_r": generated["gm_fraction"]["pearson_r"],
-            "wm_fraction_pearson_r": generated["wm_fraction"]["pearson_r"],
+            **self.adherence.metrics(result["condition_adherence"]["generated"]),
         }
         return {name: round(float(value), 4) for name, value in values.items() if value is not None}

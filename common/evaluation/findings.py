@@ -200,3 +200,94 @@ class FindingClassifier(nn.Module):
                 "score images of the size it was trained on (or train one for this size)."
             )
         return self.probabilities(images)
+
+
+#: The CheXpert label that reports each phantom finding (``common.data.cxr.reports``), for data without ``facts``.
+FINDING_CHEXPERT_LABELS: dict[str, str] = {
+    "cardiomegaly": "Cardiomegaly",
+    "pleural_effusion": "Pleural Effusion",
+    "pneumothorax": "Pneumothorax",
+    "consolidation": "Consolidation",
+    "nodule": "Lung Lesion",
+    "support_devices": "Support Devices",
+}
+
+
+class FindingAdherence:
+    """Adherence of generated radiographs to the reports they were generated from, for
+    :class:`common.evaluation.captioned.CaptionedGeneration`: per-finding AUROC of the finding classifier's
+    probability on image ``i`` against the truth of study ``i``.
+
+    The truth is the phantom's ``facts`` where every entry has them, else the report's CheXpert labels
+    (:data:`FINDING_CHEXPERT_LABELS`; 1 present, 0 absent, uncertain and unmentioned studies left out of that
+    finding). Scored on the real test images, the same AUROC is the ceiling.
+    """
+
+    description = "the phantom finding classifier's AUROC against each study's truth"
+
+    def __init__(self, classifier: FindingClassifier) -> None:
+        self.classifier = classifier
+
+    def __call__(self, entries: Sequence[Mapping[str, Any]], images: torch.Tensor) -> dict[str, Any]:
+        """``{"auroc": {finding: AUROC or None}, "mean_auroc": ...}`` of ``images`` ``(N, 1, H, W)``."""
+        if len(entries) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images for {len(entries)} studies.")
+        findings = self.classifier.findings
+        scores = self.classifier(images).double()
+        targets, known = study_truth(entries, findings)
+        aurocs: dict[str, float | None] = {}
+        with warnings.catch_warnings():  # a finding no test study shows (or all do): None
+            warnings.simplefilter("ignore")
+            for column, name in enumerate(findings):
+                rows = known[:, column]
+                auroc = finding_auroc(scores[rows, column : column + 1], targets[rows, column : column + 1], [name])
+                aurocs[name] = None if auroc[name] is None else round(auroc[name], 4)
+        defined = [v for v in aurocs.values() if v is not None]
+        return {"auroc": aurocs, "mean_auroc": round(sum(defined) / len(defined), 4) if defined else None}
+
+    @staticmethod
+    def metrics(scores: Mapping[str, Any]) -> dict[str, float | None]:
+        """The headline figures of :meth:`__call__`'s scores, by metric name."""
+        return {
+            "report_adherence_auroc_mean": scores["mean_auroc"],
+            **{f"report_adherence_auroc_{name}": value for name, value in scores["auroc"].items()},
+        }
+
+    @staticmethod
+    def summary(generated: Mapping[str, Any], real: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Rows of the results table: the generated images' figure beside the real images' (its ceiling)."""
+        rows = [
+            {
+                "measure": f"report adherence AUROC, {name.replace('_', ' ')}",
+                "generated": generated["auroc"][name],
+                "real": real["auroc"][name],
+            }
+            for name in generated["auroc"]
+        ]
+        return [
+            {
+                "measure": "report adherence AUROC, mean",
+                "generated": generated["mean_auroc"],
+                "real": real["mean_auroc"],
+            },
+            *rows,
+        ]
+
+
+def study_truth(entries: Sequence[Mapping[str, Any]], findings: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(targets, known)``, both ``(N, F)``: 0/1 truth per study and finding, and where it is known.
+
+    Phantom ``facts`` (every entry has them) are known everywhere; otherwise CheXpert ``labels`` 1.0 / 0.0 are.
+    """
+    if entries and all("facts" in entry for entry in entries):
+        targets = targets_of_entries(entries, findings)
+        return targets, torch.ones_like(targets, dtype=torch.bool)
+    targets = torch.zeros(len(entries), len(findings))
+    known = torch.zeros(len(entries), len(findings), dtype=torch.bool)
+    for i, entry in enumerate(entries):
+        labels = entry.get("labels") or {}
+        for j, name in enumerate(findings):
+            value = labels.get(FINDING_CHEXPERT_LABELS[name])
+            if value in (0.0, 1.0):
+                targets[i, j], known[i, j] = float(value), True
+    return targets, known

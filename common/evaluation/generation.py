@@ -80,7 +80,7 @@ class LatentDiffusionEvaluation:
         adherence: condition adherence of prompted samples (``common.evaluation.adherence.ConditionAdherence``),
             or ``None`` for a model without findings to adhere to.
         captioned: generation from each test slice's caption with the inference sampler, judged by FID, diversity
-            and the brain measures' adherence (``common.evaluation.captioned.CaptionedGeneration``), or ``None``.
+            and adherence to each study's facts (``common.evaluation.captioned.CaptionedGeneration``), or ``None``.
     """
 
     def __init__(
@@ -230,29 +230,27 @@ def results_table(results: Mapping[str, Any]) -> str:
             f"{adherence['guidance_scale']}{_distilled_note(adherence)}, scored by the phantom finding classifier."
         )
     if captioned := results.get("captioned_generation"):
-        generated = captioned["condition_adherence"]["generated"]
-        real_slices = captioned["condition_adherence"]["real_test_slices"]
+        adherence = captioned["condition_adherence"]
         rows += [
             f"| FID, one sample per test caption ({captioned['num_samples']}) | {captioned['fid']:.4f} |",
             f"| sample diversity MS-SSIM, captioned samples | {captioned['diversity_ms_ssim']:.4f} ± "
             f"{captioned['diversity_ms_ssim_std']:.4f} |",
-            f"| ventricle adherence Pearson r (requested volume vs measured area; real test slices: "
-            f"{_number(real_slices['ventricle']['pearson_r'])}) | {_number(generated['ventricle']['pearson_r'])} |",
-            f"| ventricle size word accuracy (real test slices: {_number(real_slices['ventricle']['size_word_accuracy'])}) "
-            f"| {_number(generated['ventricle']['size_word_accuracy'])} |",
+            *(
+                f"| {row['measure']} (real test images: {_number(row['real'])}) | {_number(row['generated'])} |"
+                for row in adherence["summary"]
+            ),
         ]
         interval = captioned["guidance_interval"]
         sampling += (
-            f" Captioned samples: {captioned['scheduler'].upper()} {captioned['num_inference_steps']} steps, guidance "
-            f"{captioned['guidance_scale']}"
+            f" Captioned samples ({captioned['prompts']}): {captioned['scheduler'].upper()} "
+            f"{captioned['num_inference_steps']} steps, guidance {captioned['guidance_scale']}"
             + (
                 f" on the {captioned['guided_steps']} steps with noise level in ({interval[0]}, {interval[1]}]"
                 if interval
                 else ""
             )
             + _distilled_note(captioned)
-            + f", {captioned['precision']}, the inference defaults; measured by the brain measures "
-            "(common.evaluation.brain_measures)."
+            + f", {captioned['precision']}, the inference defaults; adherence measured by {adherence['measured_by']}."
         )
     if note := weights_note(results.get("provenance", {})):
         sampling += f"\n\n{note}"

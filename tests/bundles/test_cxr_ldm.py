@@ -323,6 +323,12 @@ def test_evaluate_reports_fidelity_diversity_fid_and_adherence(trained, phantoms
     adherence = results["condition_adherence"]
     assert set(adherence["per_prompt"]["pleural_effusion"]) == {"Large left pleural effusion.", "No pleural effusion."}
     assert set(results["provenance"]["weights"]) == {"autoencoder", "diffusion_model", "text_encoder"}
+    # one sample per test report, with the inference defaults (guidance 7), judged by FID and the classifier
+    captioned = results["captioned_generation"]
+    assert captioned["num_samples"] == 4 and captioned["guidance_scale"] == 7.0
+    assert metrics["captioned_fid"] >= 0 and 0 <= metrics["captioned_diversity_ms_ssim"] <= 1
+    real = captioned["condition_adherence"]["real_test_images"]
+    assert set(real["auroc"]) == set(captioned["condition_adherence"]["generated"]["auroc"])
     assert bundle_files() == before, "evaluation without --publish must leave the bundle as it was"
 
 
@@ -352,6 +358,7 @@ def test_guidance_distillation_makes_the_student_inference_and_adherence_sample_
     assert evaluation.adherence.network is wf.parser.get_parsed_content("network")
     results = evaluation.run()
     assert results["condition_adherence"]["distilled_guidance"] == 7.0
+    assert results["captioned_generation"]["distilled_guidance"] == 7.0
     assert {"diffusion_model", "diffusion_model_distilled"} <= set(results["provenance"]["weights"])
 
 

@@ -1,10 +1,11 @@
-"""common.evaluation.captioned: one sample per test caption, judged by FID, diversity and brain-measure adherence."""
+"""common.evaluation.captioned: one sample per test caption, judged by FID, diversity and an adherence measure."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from common.evaluation.brain_measures import BrainMeasureAdherence
 from common.evaluation.captioned import CaptionedGeneration
 from common.evaluation.generation import results_table
 from tests.common.evaluation.test_brain_measures import synthetic_brain
@@ -76,24 +77,28 @@ def features(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([images.flatten(1).mean(1), centre, images.flatten(1).std(1)], dim=1).double()
 
 
+def captioned_generation(sampler, items=None, **kwargs) -> CaptionedGeneration:
+    return CaptionedGeneration(sampler, entries() if items is None else items, BrainMeasureAdherence(2.0), **kwargs)
+
+
 def run(follow: bool, **kwargs):
     sampler = Sampler(follow)
-    captioned = CaptionedGeneration(sampler, entries(), **{"batch_size": 3, "seed": 4, **kwargs})
+    captioned = captioned_generation(sampler, **{"batch_size": 3, "seed": 4, **kwargs})
     return captioned(torch.nn.Identity(), PromptEncoder(), (1, 24, 28), "cpu", real_images(), features), sampler
 
 
 def test_a_model_that_follows_its_captions_adheres_like_the_real_slices_and_one_that_ignores_them_does_not():
     followed, _ = run(follow=True)
     ignored, _ = run(follow=False)
-    real_r = followed["condition_adherence"]["real_test_slices"]["ventricle"]["pearson_r"]
+    real_r = followed["condition_adherence"]["real_test_images"]["ventricle"]["pearson_r"]
     assert real_r > 0.9
     assert followed["condition_adherence"]["generated"]["ventricle"]["pearson_r"] == pytest.approx(real_r, abs=0.05)
     assert ignored["condition_adherence"]["generated"]["ventricle"]["pearson_r"] is None  # one size: undefined r
     assert followed["fid"] < ignored["fid"]
-    metrics = CaptionedGeneration.metrics(followed)
+    metrics = captioned_generation(Sampler(True)).metrics(followed)
     assert metrics["captioned_fid"] == round(followed["fid"], 4)
     assert metrics["ventricle_adherence_pearson_r"] > 0.9
-    assert "ventricle_adherence_pearson_r" not in CaptionedGeneration.metrics(ignored)
+    assert "ventricle_adherence_pearson_r" not in captioned_generation(Sampler(False)).metrics(ignored)
     assert (followed["guidance_scale"], followed["guidance_interval"], followed["guided_steps"]) == (
         3.0,
         [1.0, 5.0],
@@ -114,9 +119,9 @@ def test_sample_i_starts_from_noise_seeded_seed_plus_i_whatever_the_batching():
 def test_entries_without_a_caption_and_a_real_set_of_another_size_are_refused():
     broken = entries()
     broken[2]["caption"] = " "
-    with pytest.raises(ValueError, match="no caption.*index 2"):
-        CaptionedGeneration(Sampler(True), broken)
-    captioned = CaptionedGeneration(Sampler(True), entries())
+    with pytest.raises(ValueError, match="no caption.*index 2.*'caption'"):
+        captioned_generation(Sampler(True), broken)
+    captioned = captioned_generation(Sampler(True))
     with pytest.raises(ValueError, match="7 real images for 8 test entries"):
         captioned(torch.nn.Identity(), PromptEncoder(), (1, 24, 28), "cpu", real_images()[:7], features)
 
@@ -126,9 +131,12 @@ def test_results_table_shows_the_captioned_figures_beside_the_real_slices_and_th
     results = generation_results(num_real_test_images=len(VOLUMES), captioned_generation=captioned)
     table = results_table(results)
     generated = captioned["condition_adherence"]["generated"]["ventricle"]["pearson_r"]
-    real = captioned["condition_adherence"]["real_test_slices"]["ventricle"]["pearson_r"]
+    real = captioned["condition_adherence"]["real_test_images"]["ventricle"]["pearson_r"]
     assert f"| FID, one sample per test caption (8) | {captioned['fid']:.4f} |" in table
-    assert f"real test slices: {real:.4f}) | {generated:.4f} |" in table
+    assert (
+        f"| ventricle adherence Pearson r (requested volume vs measured area) (real test images: {real:.4f}) | "
+        f"{generated:.4f} |"
+    ) in table
     assert "guidance 3.0 on the 17 steps with noise level in (1.0, 5.0], bf16" in table
 
 
@@ -140,9 +148,20 @@ def test_real_features_the_caller_has_are_used_instead_of_extracting_them_again(
         return features(images)
 
     real = real_images()
-    captioned = CaptionedGeneration(Sampler(True), entries(), batch_size=4)
+    captioned = captioned_generation(Sampler(True), batch_size=4)
     given = captioned(torch.nn.Identity(), PromptEncoder(), (1, 24, 28), "cpu", real, counting, features(real))
     assert calls == [len(VOLUMES)], "only the generated images are embedded"
     assert given["fid"] == pytest.approx(
         captioned(torch.nn.Identity(), PromptEncoder(), (1, 24, 28), "cpu", real, features)["fid"]
     )
+
+
+def test_the_first_non_empty_text_is_the_prompt():
+    """A report without an impression is prompted with its findings; one with neither is refused."""
+    items = [{**entry, "impression": "", "findings": entry["caption"]} for entry in entries()]
+    items[0]["impression"] = "brain with ventricles of 8.0 ml"
+    captioned = captioned_generation(Sampler(True), items, prompt_keys=("impression", "findings"))
+    assert captioned.prompts == [entry["caption"] for entry in entries()]
+    items[3]["findings"] = None
+    with pytest.raises(ValueError, match=r"index 3.*\['impression', 'findings'\]"):
+        captioned_generation(Sampler(True), items, prompt_keys=("impression", "findings"))

@@ -8,9 +8,11 @@ import torch
 from common.data.cxr.phantoms import FINDINGS, CXRPhantomGenerator
 from common.evaluation.findings import (
     FINDING_LABELS,
+    FindingAdherence,
     FindingClassifier,
     finding_auroc,
     finding_targets,
+    study_truth,
     targets_of_entries,
 )
 from common.networks.feature_extractors import PhantomFeatureNet
@@ -123,3 +125,57 @@ def test_from_weights_refuses_a_brain_feature_network_and_says_how_to_train(tmp_
         FindingClassifier.from_weights(path)
     with pytest.raises(FileNotFoundError, match="train-finding-classifier"):
         FindingClassifier.from_weights(tmp_path / "missing.pt")
+
+
+class _ReadsTruth:
+    """A classifier whose probability of finding ``j`` is pixel ``(0, 0, j)`` of the image: it sees what is drawn."""
+
+    findings = ("cardiomegaly", "pleural_effusion", "pneumothorax")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images[:, 0, 0, : len(self.findings)].float()
+
+
+def _images(rows) -> torch.Tensor:
+    images = torch.zeros(len(rows), 1, 4, 4)
+    images[:, 0, 0, :3] = torch.tensor(rows, dtype=torch.float32)
+    return images
+
+
+def test_study_truth_reads_phantom_facts_or_else_the_report_labels():
+    facts = [{"facts": {"present": ["cardiomegaly"]}}, {"facts": {"present": []}}]
+    targets, known = study_truth(facts, ("cardiomegaly", "pneumothorax"))
+    assert targets.tolist() == [[1.0, 0.0], [0.0, 0.0]] and known.all()
+    labelled = [
+        {"labels": {"Cardiomegaly": 1.0, "Pneumothorax": -1.0}},  # uncertain: not known
+        {"labels": {"Cardiomegaly": 0.0}},  # pneumothorax not mentioned: not known
+    ]
+    targets, known = study_truth(labelled, ("cardiomegaly", "pneumothorax"))
+    assert targets[:, 0].tolist() == [1.0, 0.0] and known.tolist() == [[True, False], [True, False]]
+
+
+def test_finding_adherence_is_one_for_images_that_show_their_studies_and_chance_for_constant_ones():
+    entries = [
+        {"facts": {"present": ["cardiomegaly", "pleural_effusion"]}},
+        {"facts": {"present": ["cardiomegaly"]}},
+        {"facts": {"present": []}},
+        {"facts": {"present": ["pleural_effusion"]}},
+    ]
+    truthful = _images([[0.9, 0.8, 0.1], [0.7, 0.2, 0.1], [0.1, 0.3, 0.1], [0.2, 0.9, 0.1]])
+    adherence = FindingAdherence(_ReadsTruth())
+    scores = adherence(entries, truthful)
+    # no study shows a pneumothorax: its AUROC is undefined (None) and left out of the mean
+    assert scores == {"auroc": {"cardiomegaly": 1.0, "pleural_effusion": 1.0, "pneumothorax": None}, "mean_auroc": 1.0}
+    constant = adherence(entries, _images([[0.5, 0.5, 0.5]] * 4))
+    assert constant["auroc"]["cardiomegaly"] == 0.5 and constant["mean_auroc"] == 0.5
+    assert adherence.metrics(scores) == {
+        "report_adherence_auroc_mean": 1.0,
+        "report_adherence_auroc_cardiomegaly": 1.0,
+        "report_adherence_auroc_pleural_effusion": 1.0,
+        "report_adherence_auroc_pneumothorax": None,
+    }
+    rows = adherence.summary(constant, scores)
+    assert rows[0] == {"measure": "report adherence AUROC, mean", "generated": 0.5, "real": 1.0}
+    assert rows[1]["measure"] == "report adherence AUROC, cardiomegaly"
+    with pytest.raises(ValueError, match="3 images for 4 studies"):
+        adherence(entries, truthful[:3])
