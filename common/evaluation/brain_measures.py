@@ -519,7 +519,7 @@ class BrainMeasureAdherence:
         """Rows of the results table: the generated images' figure beside the real images' (its ceiling)."""
         return [
             {
-                "measure": "ventricle adherence Pearson r (requested volume vs measured area)",
+                "measure": "ventricle adherence Pearson r, requested volume vs measured area",
                 "generated": generated["ventricle"]["pearson_r"],
                 "real": real["ventricle"]["pearson_r"],
             },

@@ -124,7 +124,7 @@ class CaptionedGeneration:
         sampler = self.sampler
         return {
             "num_samples": int(fake.shape[0]),
-            "prompts": f"the text of each test study ({' or '.join(self.prompt_keys)}), one sample each",
+            "prompts": f"each test study's {' or '.join(self.prompt_keys)}, one sample each",
             "guidance_scale": sampler.guidance_scale,
             "guidance_interval": None if sampler.guidance_interval is None else list(sampler.guidance_interval),
             "guided_steps": sampler.guided_steps(),

@@ -229,12 +229,13 @@ def test_a_guidance_distilled_default_runs_its_own_network_once_per_step():
     student, teacher = CallRecorder(make_unet(seed=4)), CallRecorder(setup.network)
     setup.network = teacher
     setup.default_network = student
-    setup.default_sampler = setup.sampler.replaced(distilled_guidance=3.0)
+    setup.default_sampler = setup.sampler.replaced(distilled_guidance=3.0, precision="bf16")
     result = bench_sampling.benchmark_sampling(setup, repeats=1)
     assert result["candidates"]["bundle_default"]["calls_per_step"] == "1 x B (guidance-distilled UNet)"
+    assert "bundle_bf16" in result["candidates"], "the diffusion model in bf16 is timed apart from the student"
     assert result["candidates"]["bundle"]["calls_per_step"] == "1 x 2B"
     assert student.batch_sizes == [2] * 3 * 2  # warm-up and one timed round, 3 steps each
-    assert set(teacher.batch_sizes) == {4}
+    assert set(teacher.batch_sizes) == {4}  # the reference, the anchors and bundle_bf16
     assert not result["agreement"]["bundle_default"]["expected_same"]
 
 

@@ -295,7 +295,8 @@ def sampling_candidates(setup: SamplingSetup, compile: bool = False) -> dict[str
         default.num_inference_steps,
         default.precision,
         default.guidance_interval,
-    ) == (sampler.num_inference_steps, "bf16", None)
+        default.distilled_guidance,
+    ) == (sampler.num_inference_steps, "bf16", None, None)
     if getattr(sampler, "precision", None) == "fp32" and not same_as_bf16:  # else bundle_default is that
         fast = sampler.replaced(precision="bf16")
 

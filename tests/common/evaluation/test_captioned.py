@@ -134,7 +134,7 @@ def test_results_table_shows_the_captioned_figures_beside_the_real_slices_and_th
     real = captioned["condition_adherence"]["real_test_images"]["ventricle"]["pearson_r"]
     assert f"| FID, one sample per test caption (8) | {captioned['fid']:.4f} |" in table
     assert (
-        f"| ventricle adherence Pearson r (requested volume vs measured area) (real test images: {real:.4f}) | "
+        f"| ventricle adherence Pearson r, requested volume vs measured area (real test images: {real:.4f}) | "
         f"{generated:.4f} |"
     ) in table
     assert "guidance 3.0 on the 17 steps with noise level in (1.0, 5.0], bf16" in table
