@@ -11,6 +11,7 @@ scales sample with the teacher. The student's weight file records the scale and 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from common.engines.precision import autocast, check_precision
 from common.engines.prepare_batch import LatentDiffusionPrepareBatch
 from common.io.weights import load_weights, state_fingerprint
 from common.networks.text_encoder import CLIPPromptEncoder
+
+logger = logging.getLogger(__name__)
 
 #: Record key, inside a student's weight file, of its distillation (:class:`DistillationRecord`).
 DISTILLATION_KEY = "guidance_distillation"
@@ -130,13 +133,17 @@ def choose_distilled_weights(
     distilled_path: str | Path,
     guidance_distillation: str | bool,
     guidance_scale: float,
-    guidance_interval: Sequence[float] | None = None,
-) -> str | None:
-    """The guidance-distilled student's weight file to sample with, or ``None`` to sample with the diffusion model.
+    guidance_interval: Sequence[float] | None,
+    diffusion_weights: Mapping[str, Any],
+    diffusion_path: str | Path,
+) -> dict[str, Any] | None:
+    """The guidance-distilled student's weights to sample with, or ``None`` to sample with the diffusion model.
 
-    ``guidance_distillation`` ``"auto"`` takes the student when ``distilled_path`` exists, was distilled at
-    ``guidance_scale``, and no ``guidance_interval`` is asked (the student guides every step); ``True`` insists on it
-    (a missing file or another scale is an error naming the fix); ``False`` never takes it.
+    A student serves when its file exists, it was distilled at ``guidance_scale`` from ``diffusion_weights`` (the
+    teacher's fingerprint), and no ``guidance_interval`` is asked (it guides every step). ``guidance_distillation``
+    ``"auto"`` takes it where it serves and otherwise samples with the diffusion model (saying why in the log: a
+    student beside other diffusion weights, ``--diffusion_path`` pointed elsewhere, is not an error); ``True``
+    insists on it (anything that keeps it from serving is an error naming the fix); ``False`` never takes it.
     """
     if not (guidance_distillation == "auto" or isinstance(guidance_distillation, bool)):
         raise ValueError(f"`guidance_distillation` must be 'auto', True or False, got {guidance_distillation!r}.")
@@ -150,41 +157,27 @@ def choose_distilled_weights(
                 "distill_guidance.json, or sample with the diffusion model (--guidance_distillation False)."
             )
         return None
-    scale = distilled_scale(load_weights(path))
+    weights = load_weights(path)
+    record = weights.get(DISTILLATION_KEY)
     reasons = []
-    if scale is None:
+    if record is None:
         reasons.append(f"it has no {DISTILLATION_KEY!r} record (not made by configs/distill_guidance.json)")
-    elif scale != float(guidance_scale):
-        reasons.append(f"it was distilled at guidance {scale:g}, and {float(guidance_scale):g} is asked")
+    else:
+        if float(record["guidance_scale"]) != float(guidance_scale):
+            reasons.append(
+                f"it was distilled at guidance {record['guidance_scale']:g}, and {guidance_scale:g} is asked"
+            )
+        if record["teacher"] != state_fingerprint(diffusion_weights["unet"]):
+            reasons.append(f"it was distilled from another diffusion model than {diffusion_path}")
     if guidance_interval is not None:
         reasons.append("it guides every step, and a guidance interval is asked")
     if not reasons:
-        return str(path)
+        return weights
     if guidance_distillation is True:
         raise ValueError(
             f"The distilled model {path} cannot sample here: {'; '.join(reasons)}. Use --guidance_distillation auto "
-            "or false (the diffusion model samples any guidance)."
+            "or False (the diffusion model samples any guidance), or distil one for these settings "
+            "(configs/distill_guidance.json)."
         )
+    logger.info("Sampling with the diffusion model, not the distilled %s: %s.", path.name, "; ".join(reasons))
     return None
-
-
-def load_distilled_weights(
-    path: str | Path | None, diffusion_weights: Mapping[str, Any], diffusion_path: str | Path
-) -> dict[str, Any] | None:
-    """The student's weights at ``path`` (``None`` gives ``None``), checked to be distilled from ``diffusion_weights``.
-
-    A student distilled from other weights than the bundle's diffusion model would give another model's images
-    under this bundle's name: refused, with the fix.
-    """
-    if path is None:
-        return None
-    weights = load_weights(path)
-    record = weights.get(DISTILLATION_KEY)
-    if record is None:
-        raise ValueError(f"{path} is not a guidance-distilled model (it has no {DISTILLATION_KEY!r} record).")
-    if record["teacher"] != state_fingerprint(diffusion_weights["unet"]):
-        raise ValueError(
-            f"{path} was distilled from another diffusion model than {diffusion_path}. Distil it again from this one "
-            "(configs/distill_guidance.json), or sample with the diffusion model (--guidance_distillation False)."
-        )
-    return weights

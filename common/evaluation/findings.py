@@ -29,6 +29,7 @@ from monai.metrics import compute_roc_auc
 from torch import nn
 
 from common.data.cxr.phantoms import FINDINGS
+from common.data.cxr.reports import FINDING_CHEXPERT_LABELS
 from common.networks.feature_extractors import (
     FeatureExtractor,
     PhantomFeatureNet,
@@ -202,24 +203,13 @@ class FindingClassifier(nn.Module):
         return self.probabilities(images)
 
 
-#: The CheXpert label that reports each phantom finding (``common.data.cxr.reports``), for data without ``facts``.
-FINDING_CHEXPERT_LABELS: dict[str, str] = {
-    "cardiomegaly": "Cardiomegaly",
-    "pleural_effusion": "Pleural Effusion",
-    "pneumothorax": "Pneumothorax",
-    "consolidation": "Consolidation",
-    "nodule": "Lung Lesion",
-    "support_devices": "Support Devices",
-}
-
-
 class FindingAdherence:
     """Adherence of generated radiographs to the reports they were generated from, for
     :class:`common.evaluation.captioned.CaptionedGeneration`: per-finding AUROC of the finding classifier's
     probability on image ``i`` against the truth of study ``i``.
 
     The truth is the phantom's ``facts`` where every entry has them, else the report's CheXpert labels
-    (:data:`FINDING_CHEXPERT_LABELS`; 1 present, 0 absent, uncertain and unmentioned studies left out of that
+    (:data:`common.data.cxr.reports.FINDING_CHEXPERT_LABELS`; 1 present, 0 absent, uncertain and unmentioned studies left out of that
     finding). Scored on the real test images, the same AUROC is the ceiling.
     """
 

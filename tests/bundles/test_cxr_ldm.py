@@ -294,12 +294,12 @@ def test_output_formats_and_no_silent_overwrite(trained, tmp_path):
 # ------------------------------------------------------------------------------------------------- evaluation
 
 
-def test_evaluate_reports_fidelity_diversity_fid_and_adherence(trained, phantoms, classifier):
-    before = bundle_files()
-    wf = workflow(
+def quick_evaluation(models: Path, phantoms: Path, classifier: Path):
+    """evaluate.json on 4 test images, 2 steps, one stated and one negated pleural-effusion prompt."""
+    return workflow(
         EVAL,
         "infer",
-        model_dir=str(trained),
+        model_dir=str(models),
         dataset_dir=str(phantoms),
         finding_classifier_path=str(classifier),
         test_limit=4,
@@ -311,6 +311,11 @@ def test_evaluate_reports_fidelity_diversity_fid_and_adherence(trained, phantoms
             "pleural_effusion": {"stated": ["Large left pleural effusion."], "negated": ["No pleural effusion."]}
         },
     )
+
+
+def test_evaluate_reports_fidelity_diversity_fid_and_adherence(trained, phantoms, classifier):
+    before = bundle_files()
+    wf = quick_evaluation(trained, phantoms, classifier)
     results = wf.parser.get_parsed_content("evaluation").run()
     metrics = results["metrics"]
     assert 0 <= metrics["reconstruction_ms_ssim_test"] <= 1
@@ -338,21 +343,7 @@ def test_guidance_distillation_makes_the_student_inference_and_adherence_sample_
     """distill_guidance.json makes a student that inference samples with at guidance 7 (``distil_and_sample``); the
     adherence images (guidance 7) come from it too, the unconditional ones from the teacher."""
     models = distil_and_sample(BUNDLE, trained, phantoms, tmp_path, TINY_LDM, scale=7.0)
-    wf = workflow(
-        EVAL,
-        "infer",
-        model_dir=str(models),
-        dataset_dir=str(phantoms),
-        finding_classifier_path=str(classifier),
-        test_limit=4,
-        eval_num_samples=4,
-        eval_batch_size=4,
-        eval_num_inference_steps=2,
-        adherence_samples_per_prompt=1,
-        adherence_prompts={
-            "pleural_effusion": {"stated": ["Large left pleural effusion."], "negated": ["No pleural effusion."]}
-        },
-    )
+    wf = quick_evaluation(models, phantoms, classifier)
     evaluation = wf.parser.get_parsed_content("evaluation")
     assert evaluation.network is wf.parser.get_parsed_content("base_network")
     assert evaluation.adherence.network is wf.parser.get_parsed_content("network")

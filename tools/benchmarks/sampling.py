@@ -555,20 +555,20 @@ def _default_distilled_network(
     ``(None, None)`` (no such option, no student, or one for another guidance)."""
     if defaults.get("guidance_distillation", False) is False:
         return None, None
-    from common.diffusion.distillation import choose_distilled_weights, distilled_scale, load_distilled_weights
+    from common.diffusion.distillation import choose_distilled_weights, distilled_scale
     from common.networks.architecture import network_from_weights
 
-    path = choose_distilled_weights(
-        parser.get_parsed_content("distilled_path"),
+    path = parser.get_parsed_content("distilled_path")
+    weights = choose_distilled_weights(
+        path,
         defaults["guidance_distillation"],
         guidance,
         defaults["guidance_interval"],
+        parser.get_parsed_content("checked_diffusion_weights"),
+        parser.get_parsed_content("diffusion_path"),
     )
-    if path is None:
+    if weights is None:
         return None, None
-    weights = load_distilled_weights(
-        path, parser.get_parsed_content("checked_diffusion_weights"), parser.get_parsed_content("diffusion_path")
-    )
     return network_from_weights(weights, "unet", path).eval(), distilled_scale(weights)
 
 

@@ -96,6 +96,17 @@ _CONSOLIDATION = ("Consolidation", "Lung Opacity")
 _LESION = ("Lung Lesion",)
 _DEVICES = ("Support Devices",)
 
+#: The CheXpert label that reports each phantom finding (rule 2 of the module docstring): the truth of a real study
+#: whose images have no phantom facts (``common.evaluation.findings.study_truth``).
+FINDING_CHEXPERT_LABELS: dict[str, str] = {
+    "cardiomegaly": _CARDIO[0],
+    "pleural_effusion": _EFFUSION[0],
+    "pneumothorax": _PTX[0],
+    "consolidation": _CONSOLIDATION[0],
+    "nodule": _LESION[0],
+    "support_devices": _DEVICES[0],
+}
+
 #: Every phrasing, by topic ``"<subject>.<section>.<kind>"``. Placeholders: ``side`` (right / left / bilateral),
 #: ``size``, ``severity``, ``adverb``, ``lobe``, ``zone``, ``diameter``, ``effusion`` (effusion / effusions),
 #: ``angle``, ``cm``, ``vein``, ``line_side``.

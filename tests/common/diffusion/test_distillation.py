@@ -12,7 +12,6 @@ from common.diffusion.distillation import (
     GuidanceDistillationPrepareBatch,
     choose_distilled_weights,
     distilled_scale,
-    load_distilled_weights,
 )
 from common.diffusion.sampling import GuidedLatentSampler
 from common.diffusion.schedules import SchedulerSettings
@@ -114,40 +113,41 @@ def _write_student(path, teacher, scale=3.0, student=None):
     return path
 
 
-def test_auto_takes_the_student_only_for_the_guidance_it_learned(tmp_path):
+def _choose(path, mode, guidance, teacher, interval=None):
+    return choose_distilled_weights(path, mode, guidance, interval, {"unet": teacher.state_dict()}, "teacher.pt")
+
+
+def test_auto_takes_the_student_only_for_the_guidance_and_teacher_it_learned(tmp_path, caplog):
     teacher = make_unet(seed=1)
     path = _write_student(tmp_path / "distilled.pt", teacher, scale=3.0)
-    assert choose_distilled_weights(path, "auto", 3.0) == str(path)
-    assert choose_distilled_weights(path, True, 3) == str(path)
-    assert choose_distilled_weights(path, "auto", 5.0) is None
-    assert choose_distilled_weights(path, "auto", 0.0) is None
-    assert choose_distilled_weights(path, "auto", 3.0, guidance_interval=(1.0, 10.0)) is None
-    assert choose_distilled_weights(path, False, 3.0) is None
-    assert choose_distilled_weights(tmp_path / "absent.pt", "auto", 3.0) is None
+    weights = _choose(path, "auto", 3.0, teacher)
+    assert weights is not None and distilled_scale(weights) == 3.0
+    assert distilled_scale({"unet": teacher.state_dict()}) is None
+    assert _choose(path, True, 3, teacher) is not None
+    assert _choose(path, "auto", 5.0, teacher) is None
+    assert _choose(path, "auto", 0.0, teacher) is None
+    assert _choose(path, "auto", 3.0, teacher, interval=(1.0, 10.0)) is None
+    assert _choose(path, False, 3.0, teacher) is None
+    assert _choose(tmp_path / "absent.pt", "auto", 3.0, teacher) is None
+    # other diffusion weights given (--diffusion_path elsewhere): auto samples with them, and says why
+    with caplog.at_level("INFO", logger="common.diffusion.distillation"):
+        assert _choose(path, "auto", 3.0, make_unet(seed=3)) is None
+    assert "distilled from another diffusion model than teacher.pt" in caplog.text
 
 
 def test_insisting_on_a_student_that_cannot_serve_names_the_fix(tmp_path):
-    path = _write_student(tmp_path / "distilled.pt", make_unet(seed=1), scale=3.0)
+    teacher = make_unet(seed=1)
+    path = _write_student(tmp_path / "distilled.pt", teacher, scale=3.0)
     with pytest.raises(ValueError, match="distilled at guidance 3, and 5 is asked.*--guidance_distillation auto"):
-        choose_distilled_weights(path, True, 5.0)
+        _choose(path, True, 5.0, teacher)
     with pytest.raises(ValueError, match="a guidance interval is asked"):
-        choose_distilled_weights(path, True, 3.0, guidance_interval=(1.0, 10.0))
-    with pytest.raises(FileNotFoundError, match="distill_guidance.json"):
-        choose_distilled_weights(tmp_path / "absent.pt", True, 3.0)
-    with pytest.raises(ValueError, match="'auto', True or False"):
-        choose_distilled_weights(path, "yes", 3.0)
-
-
-def test_a_student_of_another_teacher_is_refused(tmp_path):
-    teacher, other = make_unet(seed=1), make_unet(seed=3)
-    path = _write_student(tmp_path / "distilled.pt", other)
-    teacher_weights = {"unet": teacher.state_dict()}
+        _choose(path, True, 3.0, teacher, interval=(1.0, 10.0))
     with pytest.raises(ValueError, match="distilled from another diffusion model than teacher.pt"):
-        load_distilled_weights(path, teacher_weights, "teacher.pt")
-    ok = _write_student(tmp_path / "ok.pt", teacher)
-    weights = load_distilled_weights(ok, teacher_weights, "teacher.pt")
-    assert distilled_scale(weights) == 3.0 and distilled_scale(teacher_weights) is None
-    assert load_distilled_weights(None, teacher_weights, "teacher.pt") is None
+        _choose(path, True, 3.0, make_unet(seed=3))
+    with pytest.raises(FileNotFoundError, match="distill_guidance.json"):
+        _choose(tmp_path / "absent.pt", True, 3.0, teacher)
     torch.save({"unet": teacher.state_dict()}, tmp_path / "plain.pt")
-    with pytest.raises(ValueError, match="not a guidance-distilled model"):
-        load_distilled_weights(tmp_path / "plain.pt", teacher_weights, "teacher.pt")
+    with pytest.raises(ValueError, match="no 'guidance_distillation' record"):
+        _choose(tmp_path / "plain.pt", True, 3.0, teacher)
+    with pytest.raises(ValueError, match="'auto', True or False"):
+        _choose(path, "yes", 3.0, teacher)

@@ -10,7 +10,14 @@ import pytest
 
 from common.data.cxr.datalist import CHEXPERT_LABELS, LABEL_VALUES
 from common.data.cxr.phantoms import FINDINGS, CXRPhantomGenerator, FindingPrevalence
-from common.data.cxr.reports import TEMPLATES, Sentence, Template, aggregate_labels, build_report
+from common.data.cxr.reports import (
+    FINDING_CHEXPERT_LABELS,
+    TEMPLATES,
+    Sentence,
+    Template,
+    aggregate_labels,
+    build_report,
+)
 
 # An independent, keyword-based reading of a sentence, in the spirit of the CheXpert labeller: which labels a
 # sentence mentions, and whether it affirms, negates or hedges them.
@@ -107,14 +114,7 @@ def test_labels_are_what_the_sentences_say(studies):
         assert read == report.labels, report.sentences
 
 
-LABEL_OF = {
-    "cardiomegaly": "Cardiomegaly",
-    "pleural_effusion": "Pleural Effusion",
-    "pneumothorax": "Pneumothorax",
-    "consolidation": "Consolidation",
-    "nodule": "Lung Lesion",
-    "support_devices": "Support Devices",
-}
+LABEL_OF = FINDING_CHEXPERT_LABELS  # the map the reports must follow: checked below against generated reports
 
 
 def test_labels_agree_with_the_image_facts(studies):
