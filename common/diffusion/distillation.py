@@ -68,6 +68,7 @@ class GuidanceDistillationPrepareBatch(LatentDiffusionPrepareBatch):
         self.teacher = teacher.eval().requires_grad_(False)
         self.precision = check_precision(precision)
         self.empty_prompt = empty_prompt
+        self._empty_context: torch.Tensor | None = None
 
     def __call__(self, batchdata: Mapping[str, Any], device=None, non_blocking: bool = False, **kwargs: Any):
         latents = self.latents(batchdata, device, non_blocking, **kwargs)
@@ -83,13 +84,19 @@ class GuidanceDistillationPrepareBatch(LatentDiffusionPrepareBatch):
     ) -> torch.Tensor:
         """The teacher's guided output ``(B, c, h, w)`` at the noised ``latents``."""
         noisy = self.scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
-        uncond = self.prompt_encoder([self.empty_prompt] * latents.shape[0]).to(context.device)
+        uncond = self.empty_context(context.device).expand(latents.shape[0], -1, -1)
         self.teacher.eval()
         with autocast(self.precision, latents.device):
             out = guided_output(
                 functools.partial(_call_unet, self.teacher), noisy, timesteps, self.guidance_scale, context, uncond
             )
         return out.float()
+
+    def empty_context(self, device: torch.device) -> torch.Tensor:
+        """The empty prompt's context ``(1, 77, D)``, encoded once: the frozen text tower gives it the same each batch."""
+        if self._empty_context is None or self._empty_context.device != device:
+            self._empty_context = self.prompt_encoder([self.empty_prompt]).to(device)
+        return self._empty_context
 
 
 def _call_unet(unet: torch.nn.Module, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
