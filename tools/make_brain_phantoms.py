@@ -9,12 +9,13 @@ Usage (from the repository root)::
     python tools/make_brain_phantoms.py --output_dir data/brain_phantoms --num_subjects 200 --size demo --seed 0
     python tools/make_brain_phantoms.py --output_dir data/brain_phantoms_full --num_subjects 20 --size full \\
         [--num_slices 5] [--slice_step 1] [--val_fraction 0.1] [--test_fraction 0.1] [--overwrite] \\
-        [--intensity ukbiobank]
+        [--intensity ukbiobank] [--extra_training_subjects 0]
 
 ``--size demo`` is 80 x 112 at 2 mm, ``--size full`` 160 x 224 at 1 mm. ``--intensity ukbiobank`` (default)
 renders bias-field corrected images with an age-dependent T1w contrast, as UK Biobank's preprocessing gives;
 ``--intensity uncorrected`` rebuilds the data sets written before that model (strong bias fields, wide contrast
-spread).
+spread). ``--extra_training_subjects N`` adds N training-only subjects and keeps the validation and test splits of
+the data set made without them.
 """
 
 from __future__ import annotations
@@ -41,8 +42,13 @@ def make_brain_phantoms(
     overwrite: bool = False,
     progress: bool = True,
     intensity: str = "ukbiobank",
+    extra_training_subjects: int = 0,
 ) -> str:
     """Write ``num_subjects`` phantom subjects (``num_slices`` slices each) to ``output_dir``; returns the datalist path.
+
+    ``extra_training_subjects`` adds that many training-only subjects: the validation and test splits (and every
+    image of the first ``num_subjects``) stay those of the data set made without them, so models trained on the
+    larger set are compared on the same test split.
 
     Raises ``ValueError`` before writing anything for an unknown ``size`` or ``intensity``, fewer than 3 subjects,
     bad slice settings, or a non-empty ``output_dir`` without ``overwrite``.
@@ -55,9 +61,12 @@ def make_brain_phantoms(
             f"num_subjects must be an integer >= {MIN_SUBJECTS} (training, validation and test each need a "
             f"subject), got {num_subjects!r}"
         )
-    for name, value in (("num_slices", num_slices), ("slice_step", slice_step), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
-            raise ValueError(f"{name} must be an integer >= {0 if name == 'seed' else 1}, got {value!r}")
+    minimum = {"num_slices": 1, "slice_step": 1, "seed": 0, "extra_training_subjects": 0}
+    values = {"num_slices": num_slices, "slice_step": slice_step, "seed": seed}
+    values["extra_training_subjects"] = extra_training_subjects
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum[name]:
+            raise ValueError(f"{name} must be an integer >= {minimum[name]}, got {value!r}")
     output = Path(output_dir)
     if output.exists() and not output.is_dir():
         raise ValueError(f"output_dir {output} exists and is not a directory")
@@ -75,11 +84,14 @@ def make_brain_phantoms(
         test_fraction=test_fraction,
         progress=progress,
         intensity=str(intensity),
+        extra_training_subjects=extra_training_subjects,
     )
     elapsed = time.perf_counter() - start
-    num = num_subjects * geometry.num_slices
+    total = num_subjects + extra_training_subjects
+    num = total * geometry.num_slices
+    extra = f", {extra_training_subjects} of them training-only" if extra_training_subjects else ""
     print(
-        f"wrote {num} slices ({num_subjects} subjects x {geometry.num_slices}, T1w + FLAIR, "
+        f"wrote {num} slices ({total} subjects x {geometry.num_slices}{extra}, T1w + FLAIR, "
         f"{geometry.slice_shape[0]}x{geometry.slice_shape[1]} at {geometry.spacing_mm:g} mm, {intensity} intensities) "
         f"in {elapsed:.1f} s; datalist: {datalist}"
     )

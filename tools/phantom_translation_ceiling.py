@@ -1,11 +1,14 @@
-"""How well can any FLAIR-to-T1w model do on a phantom data set? Measure it with the generator itself.
+"""An upper bound for FLAIR-to-T1w models on a phantom data set, measured with the generator itself.
 
 For every subject of a split, the generator re-renders the T1w from the same anatomy (hence the same
 FLAIR) with freshly drawn T1w contrast, bias field and noise, from the data set's intensity model (read from its
-datalist; data sets written before the models were named used ``uncorrected``): another T1w equally consistent
-with the FLAIR.
-PSNR, MAE and MS-SSIM between it and the real T1w are what a perfect model that samples the T1w given the
-FLAIR would score; a model that predicts the T1w's conditional mean can do a little better.
+datalist; data sets written before the models were named used ``uncorrected``): another T1w of the same
+anatomy.
+PSNR, MAE and MS-SSIM between it and the real T1w are what a sampler that knew the anatomy exactly would score:
+an upper bound, not a target. A model sees the anatomy only through the FLAIR's own noise, bias field and partial
+volumes (its grey-white contrast is a quarter to three quarters of the T1w's), so a model trained on a finite
+training set stays below it: flair_to_t1_controlnet's README ("How far the demo is from what the phantoms allow")
+measures how far a supervised U-Net gets.
 
 Usage::
 

@@ -40,6 +40,8 @@ class EncodedItemsCache(ABC):
         enabled: ``False`` returns the items unchanged (each step then encodes its images).
         progress: show a progress bar while encoding.
         keep_image: keep ``image_key`` in the items (a later stage still loads the image); dropped by default.
+        identity_keys: item keys besides the image path whose values change what ``load`` gives (a ``mirrored``
+            flag, :mod:`common.data.mirroring`); they enter the cache file's name.
     """
 
     #: File name prefix of the cache files, and the progress bar's word for what is computed.
@@ -55,6 +57,7 @@ class EncodedItemsCache(ABC):
         enabled: bool = True,
         progress: bool = True,
         keep_image: bool = False,
+        identity_keys: Sequence[str] = (),
     ) -> None:
         self.load = load
         self.image_key = image_key
@@ -64,6 +67,7 @@ class EncodedItemsCache(ABC):
         self.enabled = bool(enabled)
         self.progress = progress
         self.keep_image = bool(keep_image)
+        self.identity_keys = tuple(identity_keys)
 
     @abstractmethod
     def encoder_fingerprint(self) -> str:
@@ -74,12 +78,14 @@ class EncodedItemsCache(ABC):
         """Images ``(B, C, H, W)`` on ``device`` -> ``{item key: (B, ...)}``, the values added to each item."""
 
     def identity(self, items: Sequence[Mapping[str, Any]]) -> str:
-        """16 hex characters naming these images encoded by this encoder (paths, sizes, mtimes, fingerprint)."""
+        """16 hex characters naming these images encoded by this encoder (paths, sizes, mtimes, identity keys'
+        values, fingerprint)."""
         digest = hashlib.sha256(self.encoder_fingerprint().encode())
         for item in items:
             path = Path(str(item[self.image_key]))
             stat = path.stat()
-            digest.update(json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns]).encode())
+            flags = [item.get(key) for key in self.identity_keys]
+            digest.update(json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, *flags]).encode())
         return digest.hexdigest()[:16]
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ fingerprint and the data set's identity) is :class:`common.data.encoded_cache.En
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,8 @@ class LatentMomentsCache(EncodedItemsCache):
 
     Args:
         latent_space: the frozen autoencoder's latent space (its scale factor is not needed: moments are unscaled).
-        load, image_key, batch_size, device, cache_dir, enabled, progress: as for :class:`EncodedItemsCache`.
+        load, image_key, batch_size, device, cache_dir, enabled, progress, identity_keys: as for
+            :class:`EncodedItemsCache`.
     """
 
     name = "latent_moments"
@@ -39,8 +40,9 @@ class LatentMomentsCache(EncodedItemsCache):
         cache_dir: str | os.PathLike | None = None,
         enabled: bool = True,
         progress: bool = True,
+        identity_keys: Sequence[str] = (),
     ) -> None:
-        super().__init__(load, image_key, batch_size, device, cache_dir, enabled, progress)
+        super().__init__(load, image_key, batch_size, device, cache_dir, enabled, progress, identity_keys=identity_keys)
         self.latent_space = latent_space
 
     def encoder_fingerprint(self) -> str:

@@ -782,6 +782,7 @@ def write_phantom_dataset(
     test_fraction: float = 0.1,
     progress: bool = True,
     intensity: str = "ukbiobank",
+    extra_training_subjects: int = 0,
 ) -> Path:
     """Write ``num_subjects`` phantoms as 2D NIfTI slices and a MONAI decathlon-style ``datalist.json``.
 
@@ -790,6 +791,10 @@ def write_phantom_dataset(
     by subject (deterministic from ``seed``), one entry per slice with relative image paths, the caption and the
     ground-truth facts; ``intensity`` names the :data:`INTENSITY_MODELS` entry (recorded in the datalist). Every file is written atomically; stale phantom images of an earlier run in
     ``images/`` are removed. Returns the datalist path.
+
+    ``extra_training_subjects`` more subjects (indices from ``num_subjects`` on) all go to training: a larger
+    training set whose validation and test subjects, and every image of the first ``num_subjects``, are those of
+    the data set made without them.
     """
     from tqdm.auto import tqdm
 
@@ -797,15 +802,21 @@ def write_phantom_dataset(
     intensity_model(intensity)  # an unknown name fails before anything is written
     if num_subjects < 1:
         raise ValueError(f"num_subjects must be >= 1, got {num_subjects}")
+    if isinstance(extra_training_subjects, bool) or not isinstance(extra_training_subjects, int):
+        raise ValueError(f"extra_training_subjects must be an integer >= 0, got {extra_training_subjects!r}")
+    if extra_training_subjects < 0:
+        raise ValueError(f"extra_training_subjects must be an integer >= 0, got {extra_training_subjects!r}")
     output_dir = Path(output_dir)
     splits = split_generated_subjects(num_subjects, val_fraction, test_fraction, seed, noun="subjects")
+    splits["training"] = list(splits["training"]) + list(range(num_subjects, num_subjects + extra_training_subjects))
     split_of = {i: name for name, ids in splits.items() for i in ids}
     generator = BrainPhantomGenerator(geometry, seed=seed, intensity=intensity)
     image_dir = output_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     entries: dict[str, list] = {"training": [], "validation": [], "test": []}
     written: set[str] = set()
-    for index in tqdm(range(num_subjects), desc="brain phantoms", unit="subject", disable=not progress):
+    total = num_subjects + extra_training_subjects
+    for index in tqdm(range(total), desc="brain phantoms", unit="subject", disable=not progress):
         subj = generator.subject(index)
         for s, sf in enumerate(subj.slice_facts):
             stem = f"{subj.subject_id}_slice-{s}"
@@ -844,6 +855,7 @@ def write_phantom_dataset(
         "seed": int(seed),
         "intensity_model": intensity,
         "num_subjects": num_subjects,
+        "extra_training_subjects": extra_training_subjects,
         "modality": {"image": "T1w", "flair": "FLAIR"},
         "ventricle_thresholds_ml": {"small_max": VENTRICLE_SMALL_MAX_ML, "large_min": VENTRICLE_LARGE_MIN_ML},
         "subjects": {name: [subject_id(i) for i in ids] for name, ids in splits.items()},

@@ -161,6 +161,30 @@ def test_dataset_split_and_monai_loading(tmp_path):
         write_phantom_dataset(tmp_path / "x", num_subjects=2, geometry=geometry, progress=False)
 
 
+def test_extra_training_subjects_keep_the_validation_and_test_splits(tmp_path):
+    """A larger training set is compared with the smaller one's models on the same test images."""
+    geometry = PhantomGeometry.demo(num_slices=1)
+    base = json.loads(write_phantom_dataset(tmp_path / "a", 6, geometry, seed=3, progress=False).read_text())
+    more = json.loads(
+        write_phantom_dataset(
+            tmp_path / "b", 6, geometry, seed=3, progress=False, extra_training_subjects=2
+        ).read_text()
+    )
+    assert more["validation"] == base["validation"] and more["test"] == base["test"]
+    assert more["subjects"]["training"] == base["subjects"]["training"] + ["sub-0006", "sub-0007"]
+    assert more["training"][: len(base["training"])] == base["training"]
+    assert more["num_subjects"] == 6 and more["extra_training_subjects"] == 2
+    same = base["test"][0]["image"]
+    assert (tmp_path / "a" / same).read_bytes() == (tmp_path / "b" / same).read_bytes()
+    with pytest.raises(ValueError, match="extra_training_subjects must be an integer >= 0"):
+        write_phantom_dataset(tmp_path / "c", 6, geometry, progress=False, extra_training_subjects=-1)
+    with pytest.raises(ValueError, match="extra_training_subjects"):
+        make_brain_phantoms.make_brain_phantoms(
+            output_dir=str(tmp_path / "d"), num_subjects=3, extra_training_subjects=1.5
+        )
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
 def test_cli_errors(tmp_path):
     tool = make_brain_phantoms
     with pytest.raises(ValueError, match="unknown size"):
