@@ -4,8 +4,8 @@ A MONAI ``UNet`` is trained with an MSE loss to predict the target image from th
 training split of a paired datalist (``image`` the target, ``flair`` the condition, as ``make-brain-phantoms`` and
 ``prepare-brain-mri --with_flair`` write them), optionally with a left-right mirrored copy of every pair; then
 PSNR, MAE and MS-SSIM (mean and std, the ControlNet evaluation's metrics) are measured on ``eval_split``. A model
-trained for MSE predicts the conditional mean, the best PSNR a model can reach from that training set: the
-reference a generative translation is compared with. Core ``SupervisedTrainer``, bf16 autocast where the device
+trained for MSE estimates the conditional mean, which maximises the expected PSNR: the reference a generative
+translation trained on the same pairs is compared with. Core ``SupervisedTrainer``, bf16 autocast where the device
 computes it natively.
 
 Usage (from the repository root)::
@@ -17,7 +17,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import json
-import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,8 +37,6 @@ from common.engines.precision import autocast, resolve_precision
 from common.engines.threads import set_num_threads
 from common.io.atomic import write_json
 from common.metrics.paired import PairedImageMetrics
-
-logger = logging.getLogger(__name__)
 
 DATA_HINT = "Make paired phantoms with `make-brain-phantoms --output_dir DIR`, or `prepare-brain-mri --with_flair`."
 
@@ -162,8 +160,12 @@ def supervised_translation_baseline(
 
 
 def cli() -> None:
-    """Entry point of ``supervised-translation-baseline``."""
-    fire.Fire(supervised_translation_baseline, serialize=lambda _: None)
+    """Entry point of ``supervised-translation-baseline``: bad arguments end with one line and exit status 2."""
+    try:
+        fire.Fire(supervised_translation_baseline, serialize=lambda _: None)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"supervised-translation-baseline: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

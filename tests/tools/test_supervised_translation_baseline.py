@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from common.data.brain.phantoms import PhantomGeometry, write_phantom_dataset
+from tests.helpers import REPO_ROOT
 from tools.supervised_translation_baseline import supervised_translation_baseline
 
 SMALL = {"channels": (8, 16), "batch_size": 4, "progress": False, "num_threads": 1}
@@ -43,6 +46,22 @@ def test_training_learns_the_translation_and_the_result_is_written(phantoms, tmp
     ],
 )
 def test_bad_arguments_stop_before_training(phantoms, tmp_path, kwargs, message):
-    with pytest.raises((ValueError, KeyError), match=message):
+    with pytest.raises(ValueError, match=message):
         supervised_translation_baseline(str(phantoms), output=str(tmp_path / "b.json"), **{**SMALL, **kwargs})
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_the_command_line_ends_a_bad_argument_with_one_line(phantoms, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "tools/supervised_translation_baseline.py", "--dataset_dir", str(phantoms)]
+        + ["--eval_split", "training", "--output", str(tmp_path / "b.json")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "supervised-translation-baseline: error: eval_split must be 'validation' or 'test', got 'training'"
+    )
     assert not (tmp_path / "b.json").exists()

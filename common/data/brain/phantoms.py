@@ -802,9 +802,8 @@ def write_phantom_dataset(
     intensity_model(intensity)  # an unknown name fails before anything is written
     if num_subjects < 1:
         raise ValueError(f"num_subjects must be >= 1, got {num_subjects}")
-    if isinstance(extra_training_subjects, bool) or not isinstance(extra_training_subjects, int):
-        raise ValueError(f"extra_training_subjects must be an integer >= 0, got {extra_training_subjects!r}")
-    if extra_training_subjects < 0:
+    extra = extra_training_subjects
+    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
         raise ValueError(f"extra_training_subjects must be an integer >= 0, got {extra_training_subjects!r}")
     output_dir = Path(output_dir)
     splits = split_generated_subjects(num_subjects, val_fraction, test_fraction, seed, noun="subjects")
