@@ -106,7 +106,9 @@ class EncodedItemsCache(ABC):
         for index, item in enumerate(items):
             if not self.keep_image:
                 item.pop(self.image_key)
-            item.update({key: values[index] for key, values in outputs.items()})
+            # A copy, not a view: MONAI's CacheDataset deep-copies every item it serves, and the deep copy of a view
+            # copies the whole (N, ...) storage behind it, so each step would cost time in proportion to N.
+            item.update({key: values[index].clone() for key, values in outputs.items()})
         return items
 
     @torch.no_grad()

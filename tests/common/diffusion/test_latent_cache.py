@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from monai.data import CacheDataset
 from monai.transforms import Compose, EnsureTyped, LoadImaged
 
+from common.data.transforms import PromptDropoutd
 from common.diffusion.latent_cache import LatentMomentsCache
 from common.diffusion.latent_space import MU_KEY, SIGMA_KEY, ScaledLatentSpace
 from tests.conftest import IMAGE_SIZE, LATENT, make_autoencoder
@@ -75,3 +77,16 @@ def test_the_cache_file_is_reused_and_another_autoencoder_or_changed_images_make
 def test_disabled_cache_leaves_the_items_as_they_are(items):
     space = ScaledLatentSpace(make_autoencoder())
     assert LatentMomentsCache(space, LOAD, enabled=False)(items) == items
+
+
+def test_each_item_owns_its_moments_so_serving_an_item_does_not_copy_the_whole_data_set(items, tmp_path):
+    # CacheDataset deep-copies each item it serves when a random transform follows (prompt dropout); the deep copy of
+    # a view into the (N, ...) tensor copies all N items' moments (measured: 5 s per step on 4000 slices, not 0.5).
+    space = ScaledLatentSpace(make_autoencoder())
+    for _ in range(2):  # encoded, then read back from the file
+        cached = LatentMomentsCache(space, LOAD, cache_dir=tmp_path / "cache", progress=False)(items)
+        served = CacheDataset(cached, transform=Compose([PromptDropoutd("caption", prob=0.5)]), progress=False)[2]
+        for key in (MU_KEY, SIGMA_KEY):
+            value = served[key]
+            assert value.untyped_storage().nbytes() == value.numel() * value.element_size()
+            torch.testing.assert_close(value, cached[2][key])
