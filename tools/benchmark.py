@@ -16,6 +16,7 @@ Times are for comparison within one run; they are never asserted in tests.
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -159,19 +160,30 @@ def training(
     output: str | None = None,
     bundles_dir: str | None = None,
     compile: bool = False,
+    dataset_size: int = 800,
 ) -> None:
     """Time the bundle's diffusion training iterations against the seed-style step on the same batches.
 
     ``compile`` adds the bf16 trainer with ``torch.compile`` (its compilation, minutes on a CPU, is the warm-up).
+    ``dataset_size`` (default: the demo's 800 training slices; 0 leaves it out) adds the bf16 trainer reading from
+    the config's own data loader over a data set of that many slices, written to a temporary folder.
     """
     from tools.benchmarks.timing import set_threads
     from tools.benchmarks.training import benchmark_training, load_training_setup, training_settings, training_table
 
     _check_counts(batch_size=batch_size, iterations=iterations, repeats=repeats, threads=threads)
+    if dataset_size != 0:
+        _check_counts(dataset_size=dataset_size)
+        if dataset_size < batch_size * iterations:
+            raise ValueError(
+                f"`dataset_size` {dataset_size} is less than the {batch_size * iterations} slices of "
+                f"{iterations} batches of {batch_size}: give at least that many, or 0 to leave the data loader out."
+            )
     root = _bundle_root(bundle, bundles_dir, "train_diffusion.json")
     set_threads(threads)
-    setup = load_training_setup(root, batch_size, iterations, seed)
-    result = benchmark_training(setup, repeats, compile=bool(compile))
+    with tempfile.TemporaryDirectory(prefix="benchmark_data_") as work_dir:
+        setup = load_training_setup(root, batch_size, iterations, seed, dataset_size=dataset_size, work_dir=work_dir)
+        result = benchmark_training(setup, repeats, compile=bool(compile))
     arguments = {
         "bundle": bundle,
         "batch_size": batch_size,
@@ -180,6 +192,7 @@ def training(
         "threads": threads,
         "seed": seed,
         "compile": bool(compile),
+        "dataset_size": dataset_size,
     }
     report = _report("training", bundle, _command("training", arguments), training_settings(setup, repeats), result)
     _finish(report, training_table(result), output)

@@ -364,6 +364,22 @@ def test_training_command_writes_the_json_report(tmp_path, monkeypatch, thread_e
     assert report["settings"]["batch_size"] == 3 and report["settings"]["iterations"] == 2
 
 
+def test_the_data_loader_candidate_reads_the_config_s_loader_one_run_at_a_time(tmp_path):
+    setup = bench_training.load_training_setup(
+        benchmark.REPO_BUNDLES / "brain_t1_ldm", batch_size=2, iterations=2, dataset_size=6, work_dir=tmp_path
+    )
+    assert len(setup.data_loader.dataset) == 6 and len(list(tmp_path.glob("slice_*.nii.gz"))) == 6
+    batches = bench_training.FirstBatches(setup.data_loader, 2)
+    for _ in range(2):  # every pass is `count` batches of the configured size, however often it is restarted
+        taken = list(batches)
+        assert len(taken) == 2 and all(b["z_mu"].shape[0] == 2 and len(b["caption"]) == 2 for b in taken)
+    trainer = bench_training.bundle_trainer(setup, setup.network, batches)
+    trainer.run()
+    trainer.run()
+    assert trainer.state.iteration == 2, "a restarted run takes `count` batches, not the whole loader"
+    assert "bundle_cached_latents_bf16_data_loader" in bench_training.training_candidates(setup)
+
+
 def test_bad_arguments_are_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match="num_samples"):
         benchmark.sampling(num_samples=0)
@@ -371,6 +387,8 @@ def test_bad_arguments_are_refused_before_loading(tmp_path):
         benchmark.sampling(bundle="nope")
     with pytest.raises(ValueError, match="train_diffusion.json"):
         benchmark.training(bundle="flair_to_t1_controlnet")
+    with pytest.raises(ValueError, match="dataset_size"):
+        benchmark.training(batch_size=32, iterations=5, dataset_size=100)
     assert not list(tmp_path.iterdir())
 
 

@@ -18,6 +18,12 @@ Candidates (each a call ``() -> None`` that makes one pass over the same prepare
   the optimiser), so backward also runs through it. Its CUDA autocast and grad scaler are off on a CPU. Prompts
   are tokenised beforehand, as its data loader does. Its UNet has MONAI's default attention (einsums), as the
   article's code builds it; the bundle's trainers run attention through SDPA (``common.networks.attention``).
+* ``bundle_cached_latents_bf16_data_loader`` (with ``dataset_size``): the bf16 trainer reading its batches from the
+  config's own ``train#dataloader``: random slices written as NIfTI files, encoded once by the config's
+  ``latent_cache`` (untimed), served by its ``CacheDataset`` with its ``train#preprocessing`` (prompt dropout). What
+  a training epoch costs per image, data loading included; the others feed prepared batches. A data set's size
+  matters here: the cache once handed out views of one (N, ...) tensor, which ``CacheDataset`` deep-copies whole
+  for every item it serves.
 * ``encode_only`` (not a training step): the frozen autoencoder's encoding of the same batches, which both steps
   do every iteration; its ratio to ``seed_style`` is the share of a step that cached latents would remove.
 
@@ -29,6 +35,7 @@ size (the cost of a step does not depend on their content); captions follow the 
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -62,6 +69,7 @@ class TrainingSetup:
         optimizer: builds the bundle's optimiser for given parameters (``AdamW`` with the config's learning rate).
         batches: ``{"image" (B, 1, H, W), "caption" (B strings), "input_ids" (B, 77)}`` each.
         extra: settings of the bundle's config worth reporting (``cache_latents``).
+        data_loader: the config's ``train#dataloader`` over a data set of cached latent moments, or ``None``.
     """
 
     network: torch.nn.Module
@@ -72,6 +80,7 @@ class TrainingSetup:
     amp: bool
     batches: list[dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
+    data_loader: Any = None
 
     @property
     def images_per_call(self) -> int:
@@ -159,6 +168,24 @@ def bf16_inferer(setup: TrainingSetup) -> Any | None:
     return AutocastInferer(setup.inferer.inferer, "bf16")
 
 
+class FirstBatches:
+    """The first ``count`` batches of a new pass over ``loader``, each time it is iterated.
+
+    A run of Ignite's engine on it is ``count`` iterations of the loader as training uses it (shuffled anew); a
+    finished engine restarted on the loader itself would take all of its batches, whatever ``epoch_length`` was.
+    """
+
+    def __init__(self, loader: Any, count: int) -> None:
+        self.loader = loader
+        self.count = int(count)
+
+    def __iter__(self) -> Any:
+        return itertools.islice(iter(self.loader), self.count)
+
+    def __len__(self) -> int:
+        return self.count
+
+
 def bundle_trainer(
     setup: TrainingSetup,
     network: torch.nn.Module,
@@ -168,7 +195,7 @@ def bundle_trainer(
 ) -> SupervisedTrainer:
     """The bundle's ``SupervisedTrainer`` (as ``train#trainer``), on ``batches`` and without handlers.
 
-    ``inferer`` replaces the config's ``train#inferer`` (the bf16 candidate); ``compile`` is the config's
+    ``batches`` is a list of prepared batches or an iterable of them (:class:`FirstBatches`); ``inferer`` replaces the config's ``train#inferer`` (the bf16 candidate); ``compile`` is the config's
     ``--compile`` (MONAI's trainer compiles the network with ``torch.compile``).
     """
     return SupervisedTrainer(
@@ -240,6 +267,10 @@ def training_candidates(setup: TrainingSetup, compile: bool = False) -> dict[str
             if compile:
                 trainer = bundle_trainer(setup, copy.deepcopy(setup.network), cached, inferer=bf16, compile=True)
                 candidates["bundle_cached_latents_bf16_compiled"] = trainer.run
+            if setup.data_loader is not None:
+                batches = FirstBatches(setup.data_loader, len(cached))
+                trainer = bundle_trainer(setup, copy.deepcopy(setup.network), batches, inferer=bf16)
+                candidates["bundle_cached_latents_bf16_data_loader"] = trainer.run
     candidates["bundle_encoding"] = bundle_trainer(setup, copy.deepcopy(setup.network), setup.batches).run
 
     def seed() -> None:
@@ -354,12 +385,47 @@ def optimizer_factory(parser: Any) -> Callable[[Any], torch.optim.Optimizer]:
     return lambda params: instantiate(declared["_target_"], "default", params=params, **kwargs)
 
 
-def load_training_setup(bundle_root: str | Path, batch_size: int, iterations: int, seed: int = 0) -> TrainingSetup:
+def config_data_loader(parser: Any, dataset_size: int, work_dir: Path, seed: int = 0) -> Any:
+    """The config's ``train#dataloader`` over ``dataset_size`` random slices, served as training serves them.
+
+    The slices are written to ``work_dir`` as NIfTI files with phantom-style captions; the config's ``latent_cache``
+    encodes them once (its file goes to ``work_dir`` too) and its ``train#dataset`` (``CacheDataset`` with
+    ``train#preprocessing``: prompt dropout) and ``train#dataloader`` (batch ``ldm_batch_size``, shuffled, in the
+    main process) serve them.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    size = parser.get_parsed_content("image_size")
+    items = []
+    for index, caption in enumerate(phantom_captions(dataset_size, seed, empty_fraction=0.0)):
+        path = work_dir / f"slice_{index:05d}.nii.gz"
+        nib.save(nib.Nifti1Image(rng.random(size, dtype=np.float32), np.eye(4)), str(path))
+        items.append({"image": str(path), "caption": caption})
+    parser["run_dir"] = str(work_dir)
+    parser["num_workers"] = 0  # as the demo's CPU commands run (worker processes would take the timed thread's core)
+    parser["train#dataset#data"] = "@benchmark_items"
+    parser["train#dataset#progress"] = False
+    parser["benchmark_items"] = parser.get_parsed_content("latent_cache")(items)
+    return parser.get_parsed_content("train#dataloader")
+
+
+def load_training_setup(
+    bundle_root: str | Path,
+    batch_size: int,
+    iterations: int,
+    seed: int = 0,
+    dataset_size: int = 0,
+    work_dir: str | Path | None = None,
+) -> TrainingSetup:
     """The bundle's diffusion training parts, built by its ``train_autoencoder.json`` + ``train_diffusion.json``.
 
     The shipped demo autoencoder and text encoder are loaded as training would; the UNet is the config's declaration
     holding the shipped UNet's weights (as when fine-tuning: a fresh UNet's zero-initialised output layer would make
     the loss checks vacuous; a step costs the same); the latent scale factor is the shipped diffusion weights'.
+    With ``dataset_size`` (and a ``work_dir`` for its files), also the config's data loader over a data set of that
+    many slices (:func:`config_data_loader`).
     """
     from monai.bundle import ConfigParser
 
@@ -374,6 +440,7 @@ def load_training_setup(bundle_root: str | Path, batch_size: int, iterations: in
     parser["bundle_root"] = str(root)
     parser["device"] = "$torch.device('cpu')"
     parser["scale_factor"] = float(diffusion["latent"]["scale_factor"])
+    parser["ldm_batch_size"] = batch_size
     prepare_batch = parser.get_parsed_content("prepare_batch")
     torch.manual_seed(seed)
     network = parser.get_parsed_content("network_def")
@@ -381,9 +448,15 @@ def load_training_setup(bundle_root: str | Path, batch_size: int, iterations: in
     batches = make_batches(
         iterations, batch_size, parser.get_parsed_content("image_size"), prepare_batch.prompt_encoder.tokenizer, seed
     )
+    data_loader = None
+    if dataset_size:
+        if work_dir is None:
+            raise ValueError("A data set of `dataset_size` slices needs a `work_dir` for its files.")
+        data_loader = config_data_loader(parser, dataset_size, Path(work_dir), seed)
     return TrainingSetup(
         network=network,
         prepare_batch=prepare_batch,
+        data_loader=data_loader,
         inferer=parser.get_parsed_content("train#inferer"),
         loss_function=parser.get_parsed_content("train#trainer#loss_function"),
         optimizer=optimizer_factory(parser),
@@ -407,5 +480,6 @@ def training_settings(setup: TrainingSetup, repeats: int) -> dict[str, Any]:
         "image_size": list(first["image"].shape[2:]),
         "amp": setup.amp,
         "distinct_prompts": len({c for b in setup.batches for c in b["caption"]}),
+        "data_loader_dataset_size": None if setup.data_loader is None else len(setup.data_loader.dataset),
         **setup.extra,
     }
