@@ -195,8 +195,9 @@ def bundle_trainer(
 ) -> SupervisedTrainer:
     """The bundle's ``SupervisedTrainer`` (as ``train#trainer``), on ``batches`` and without handlers.
 
-    ``batches`` is a list of prepared batches or an iterable of them (:class:`FirstBatches`); ``inferer`` replaces the config's ``train#inferer`` (the bf16 candidate); ``compile`` is the config's
-    ``--compile`` (MONAI's trainer compiles the network with ``torch.compile``).
+    ``batches`` is a list of prepared batches or an iterable of them (:class:`FirstBatches`); ``inferer`` replaces
+    the config's ``train#inferer`` (the bf16 candidate); ``compile`` is the config's ``--compile`` (MONAI's trainer
+    compiles the network with ``torch.compile``).
     """
     return SupervisedTrainer(
         device=torch.device("cpu"),
