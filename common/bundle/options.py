@@ -190,6 +190,10 @@ STANDARD_OPTIONS: dict[str, dict[str, Any]] = {
     "ldm_batch_size": {"schema": _POSITIVE_INT, "help": "diffusion training batch size (per process)"},
     "ldm_max_epochs": {"schema": _POSITIVE_INT, "help": "diffusion training epochs"},
     "ldm_learning_rate": {"schema": _RATE, "help": "diffusion learning rate"},
+    "ema_decay": {
+        "schema": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        "help": "decay per step of the weights' moving average that is validated and exported (0.999: about 1000 steps)",
+    },
     "scale_factor": {
         "schema": {"anyOf": [{"type": "null"}, {"type": "number", "exclusiveMinimum": 0}]},
         "help": "latent scale factor (null: 1 / std of the first latents, computed at the start)",

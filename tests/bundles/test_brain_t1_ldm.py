@@ -132,6 +132,40 @@ def test_compiled_bf16_training_runs_the_unet_in_bf16_and_exports_float32(traine
     assert all(v.dtype == torch.float32 for v in exported.values() if v.is_floating_point())
 
 
+def test_fine_tuning_continues_the_given_diffusion_model_and_exports_its_weight_average(trained, phantoms, tmp_path):
+    """``finetune_diffusion.json`` starts from the given UNet with its scale factor and noise schedule; what is
+    validated and exported is the moving average of the weights (ignite's EMA), which the checkpoint keeps beside the
+    online weights for resuming."""
+    start = load_weights(trained / "diffusion_model.pt")
+    wf = workflow(
+        ["train_autoencoder.json", "train_diffusion.json", "finetune_diffusion.json"],
+        "train",
+        dataset_dir=str(phantoms),
+        model_dir=str(trained),
+        run_dir=str(tmp_path / "run"),
+        ema_decay=0.5,
+        **{**TINY_LDM, "ldm_max_epochs": 2},
+    )
+    online = wf.parser.get_parsed_content("network_def")
+    assert all(torch.equal(v, start["unet"][k]) for k, v in online.state_dict().items()), "starts from the given UNet"
+    wf.run()
+    wf.finalize()
+    exported = load_weights(tmp_path / "run" / "diffusion_model.pt")
+    assert exported["latent"] == start["latent"] and exported["scheduler"] == start["scheduler"]
+    assert exported["depends_on"] == start["depends_on"]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint_epoch=2.pt", weights_only=True)
+    for key, value in exported["unet"].items():
+        assert torch.equal(value, checkpoint["unet_ema"][key])
+    moved = [
+        k for k, v in online.state_dict().items() if v.is_floating_point() and not torch.equal(v, start["unet"][k])
+    ]
+    assert moved, "the online UNet trained"
+    assert all(not torch.equal(exported["unet"][k], online.state_dict()[k]) for k in moved), "the average is exported"
+    assert all(not torch.equal(exported["unet"][k], start["unet"][k]) for k in moved), (
+        "and it moved towards the training"
+    )
+
+
 def test_inference_with_trained_weights_is_deterministic(trained, tmp_path):
     outs = []
     for name in ("a", "b"):
