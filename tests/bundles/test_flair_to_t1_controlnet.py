@@ -78,7 +78,11 @@ def trained(phantoms, tmp_path_factory) -> Path:
     assert weights["architectures"]["controlnet"]["network"] == "ControlNet"
     base_unet = load_weights(BASE_MODELS / "diffusion_model.pt")["unet"]
     assert weights["base_model"]["unet_sha256"] == state_fingerprint(base_unet)
-    assert (run_dir / "checkpoint_epoch=1.pt").is_file()
+    checkpoint = torch.load(run_dir / "checkpoint_epoch=1.pt", weights_only=True)
+    assert set(checkpoint["controlnet_ema"]) == set(weights["controlnet"])
+    assert all(torch.equal(v, checkpoint["controlnet_ema"][k]) for k, v in weights["controlnet"].items()), (
+        "the exported ControlNet is the moving average the checkpoint keeps beside the online weights"
+    )
     assert any(run_dir.glob("events.out.tfevents*")), "TensorBoard scalars and images"
     return model_dir
 
