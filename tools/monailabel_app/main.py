@@ -39,7 +39,7 @@ GENERATIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
             "num_samples": 1,
             "seed": 0,
             "num_inference_steps": 50,
-            "guidance_scale": 3.0,
+            "guidance_scale": 2.0,
         },
     ),
     "text_to_brain_unclip": (
