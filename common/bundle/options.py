@@ -145,7 +145,11 @@ STANDARD_OPTIONS: dict[str, dict[str, Any]] = {
     "num_workers": {"schema": {"type": "integer", "minimum": 0}, "help": "data loader worker processes"},
     "train_limit": {"schema": _OPTIONAL_POSITIVE_INT, "help": "use only the first N training items"},
     "val_limit": {"schema": _OPTIONAL_POSITIVE_INT, "help": "use only the first N validation items"},
-    "test_limit": {"schema": _OPTIONAL_POSITIVE_INT, "help": "use only the first N test items"},
+    "test_limit": {"schema": _OPTIONAL_POSITIVE_INT, "help": "use only the first N items of the evaluated split"},
+    "eval_split": {
+        "schema": {"enum": ["training", "validation", "test"]},
+        "help": "datalist split evaluated (choose settings on validation; publishing needs test)",
+    },
     "val_interval": {"schema": _POSITIVE_INT, "help": "validate every N epochs"},
     "checkpoint_interval": {"schema": _POSITIVE_INT, "help": "save a checkpoint every N epochs"},
     "publish": {"schema": _BOOL, "help": "write the results into the bundle's docs and metadata"},

@@ -81,6 +81,7 @@ class LatentDiffusionEvaluation:
             or ``None`` for a model without findings to adhere to.
         captioned: generation from each test slice's caption with the inference sampler, judged by FID, diversity
             and adherence to each study's facts (``common.evaluation.captioned.CaptionedGeneration``), or ``None``.
+        split: the datalist split evaluated, recorded with the results (only ``test`` is published).
     """
 
     def __init__(
@@ -101,6 +102,7 @@ class LatentDiffusionEvaluation:
         publish_to: BundleDocs | None = None,
         adherence: ConditionAdherence | None = None,
         captioned: CaptionedGeneration | None = None,
+        split: str = "test",
     ) -> None:
         self.reconstruction_evaluator = reconstruction_evaluator
         self.sampler = sampler
@@ -118,6 +120,7 @@ class LatentDiffusionEvaluation:
         self.publish_to = publish_to
         self.adherence = adherence
         self.captioned = captioned
+        self.split = split
 
     def run(self) -> dict[str, Any]:
         self.reconstruction_evaluator.run()
@@ -176,6 +179,7 @@ class LatentDiffusionEvaluation:
                 "sample_diversity_ms_ssim": round(fake_div_std, 4),
                 "real_diversity_ms_ssim_test": round(real_div_std, 4),
             },
+            "split": self.split,
             "num_real_test_images": int(real.shape[0]),
             "num_generated_samples": int(fake.shape[0]),
             "guidance_scale": self.sampler.guidance_scale,
@@ -191,7 +195,7 @@ class LatentDiffusionEvaluation:
             results["condition_adherence"] = adherence
         if captioned is not None:
             results["captioned_generation"] = captioned
-        logger.info("Evaluation: %s", metrics)
+        logger.info("Evaluation on the %s split: %s", self.split, metrics)
         if self.publish_to is not None:
             self.publish_to.publish(results, metrics, results_table(results))
         return results

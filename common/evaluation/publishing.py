@@ -95,7 +95,7 @@ def check_publishable(publish: bool, complete: bool, enough_samples: bool = True
     if publish and not complete:
         raise ValueError(
             "--publish True writes the bundle's documented results, which must come from the whole test split: "
-            "remove --test_limit (or leave --publish False to only compute and log)."
+            "remove --test_limit and --eval_split (or leave --publish False to only compute and log)."
         )
     if publish and not enough_samples:
         raise ValueError(

@@ -43,6 +43,7 @@ class TranslationReport:
         display_orientation: how slices are turned in the figure (``common.io.display``).
         provenance: what produced the figures (command, weight hashes, demo or not), recorded with them.
         publish_to: where the figures are published when asked; ``None`` only logs them.
+        split: the datalist split evaluated, recorded with the results (only ``test`` is published).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class TranslationReport:
         display_orientation: str = "array",
         provenance: Mapping[str, Any] | None = None,
         publish_to: BundleDocs | None = None,
+        split: str = "test",
     ) -> None:
         self.metric_fn = PairedImageMetrics(image_size)
         self.condition_key = condition_key
@@ -68,6 +70,7 @@ class TranslationReport:
         self.display_orientation = check_orientation(display_orientation)
         self.provenance = dict(provenance or {})
         self.publish_to = publish_to
+        self.split = split
         self.values: dict[str, list[float]] = {}
         self.examples: list[np.ndarray] = []
         self.results: dict[str, Any] = {}
@@ -98,12 +101,13 @@ class TranslationReport:
     def report(self, _: Engine | None = None) -> dict[str, Any]:
         n = len(self.values["psnr"])
         if n == 0:
-            raise RuntimeError("The evaluation saw no image; check the test split of the datalist.")
+            raise RuntimeError(f"The evaluation saw no image; check the {self.split} split of the datalist.")
         mean = {name: round(float(np.mean(v)), 4) for name, v in self.values.items()}
         std = {name: round(float(np.std(v)), 4) for name, v in self.values.items()}
         self.results = {
             "metrics": mean,
             "std": std,
+            "split": self.split,
             "num_test_images": n,
             "reference": self.reference,
             "settings": self.settings,
@@ -111,7 +115,9 @@ class TranslationReport:
             "provenance": self.provenance,
             "per_image": {name: [round(x, 5) for x in v] for name, v in self.values.items()},
         }
-        logger.info("Evaluation on %d images: %s", n, {k: f"{mean[k]} ± {std[k]}" for k in mean})
+        logger.info(
+            "Evaluation on %d images of the %s split: %s", n, self.split, {k: f"{mean[k]} ± {std[k]}" for k in mean}
+        )
         if self.publish_to is not None:
             metrics = {f"{self.metric_prefix}{k}": v for k, v in mean.items()}
             draw = self.write_figure if self.examples else None

@@ -72,6 +72,7 @@ class UnclipEvaluation:
         spacing_mm: pixel spacing, for the brain measurements.
         provenance: what produced the figures (``run_provenance``), recorded with them.
         publish_to: where the figures are published when asked; ``None`` only logs them.
+        split: the datalist split evaluated, recorded with the results (only ``test`` is published).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class UnclipEvaluation:
         spacing_mm: float = 2.0,
         provenance: Mapping[str, Any] | None = None,
         publish_to: BundleDocs | None = None,
+        split: str = "test",
     ) -> None:
         if missing := [i for i, item in enumerate(test_items) if "facts" not in item]:
             raise ValueError(
@@ -95,6 +97,7 @@ class UnclipEvaluation:
             )
         self.pipeline = pipeline
         self.test_items = list(test_items)
+        self.split = split
         self.train_items = list(train_items)
         self.load = load
         self.seed = int(seed)
@@ -192,6 +195,7 @@ class UnclipEvaluation:
             "clip_latent_space": latent,
             "condition_adherence": {"generated": adherence, "real_test_slices": ceiling},
             "memorisation": memorisation,
+            "split": self.split,
             "num_real_test_images": int(real.shape[0]),
             "num_generated_samples": int(fake.shape[0]),
             "prompts": "the canonical caption of each test slice, one sample each",
@@ -208,7 +212,7 @@ class UnclipEvaluation:
             "command": self.provenance.get("command", ""),
             "provenance": self.provenance,
         }
-        logger.info("Evaluation: %s", metrics)
+        logger.info("Evaluation on the %s split: %s", self.split, metrics)
         if self.publish_to is not None:
             self.publish_to.publish(results, metrics, results_table(results))
         return results

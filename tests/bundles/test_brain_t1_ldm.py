@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from common.data.brain.phantoms import PhantomGeometry, write_phantom_dataset
+from common.data.datalists import load_datalist
 from common.io.weights import load_weights
 from tests.helpers import REPO_ROOT
 from tests.helpers.bundle_copy import copy_bundle
@@ -211,9 +212,20 @@ def test_guidance_distillation_makes_the_student_inference_samples_with(trained,
 
 
 def test_evaluate_computes_and_logs_without_touching_the_bundle(trained, phantoms):
+    """Evaluation on the split asked for (here validation, where settings are chosen) only logs its figures."""
     before = snapshot(BUNDLE)
-    wf = workflow(EVAL, "infer", model_dir=str(trained), dataset_dir=str(phantoms), eval_num_samples=4, **QUICK_EVAL)
+    wf = workflow(
+        EVAL,
+        "infer",
+        model_dir=str(trained),
+        dataset_dir=str(phantoms),
+        eval_num_samples=4,
+        eval_split="validation",
+        **QUICK_EVAL,
+    )
     results = wf.parser.get_parsed_content("evaluation").run()
+    assert results["split"] == "validation"
+    assert results["num_real_test_images"] == len(load_datalist(str(phantoms), "validation"))
     metrics = results["metrics"]
     assert 0 <= metrics["reconstruction_ms_ssim_test"] <= 1
     assert 0 <= metrics["sample_diversity_ms_ssim"] <= 1
@@ -229,6 +241,11 @@ def test_evaluate_computes_and_logs_without_touching_the_bundle(trained, phantom
 def test_publishing_a_partial_evaluation_is_refused_before_work(trained, phantoms):
     with pytest.raises(Exception) as info:
         workflow(EVAL, "infer", model_dir=str(trained), dataset_dir=str(phantoms), publish=True, test_limit=2)
+    assert "whole test split" in error_text(info.value)
+    with pytest.raises(Exception) as info:
+        workflow(
+            EVAL, "infer", model_dir=str(trained), dataset_dir=str(phantoms), publish=True, eval_split="validation"
+        )
     assert "whole test split" in error_text(info.value)
     with pytest.raises(Exception) as info:
         workflow(EVAL, "infer", model_dir=str(trained), dataset_dir=str(phantoms), publish=True, eval_num_samples=8)
