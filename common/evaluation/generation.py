@@ -162,7 +162,7 @@ class LatentDiffusionEvaluation:
             metrics["adherence_auroc_mean"] = adherence["mean_auroc"]
         captioned = None
         if self.captioned is not None:
-            logger.info("Generating %d samples from the test captions", self.captioned.num_images)
+            logger.info("Generating %d samples from the %s captions", self.captioned.num_images, self.split)
             captioned = self.captioned(
                 self.network,
                 self.prompt_encoder,

@@ -117,7 +117,7 @@ class UnclipEvaluation:
             images.append(
                 self.pipeline.text_to_image(batch, seeds, self.prior_guidance_scale, self.decoder_guidance_scale).cpu()
             )
-            logger.info("Generated %d / %d test captions", start + len(batch), len(captions))
+            logger.info("Generated %d / %d %s captions", start + len(batch), len(captions), self.split)
         return torch.cat(images)
 
     @torch.no_grad()
@@ -171,7 +171,7 @@ class UnclipEvaluation:
     def run(self) -> dict[str, Any]:
         real = load_images(self.test_items, self.load)
         captions = [canonical_caption(item["facts"]) for item in self.test_items]
-        logger.info("Generating one slice for each of the %d test captions", len(captions))
+        logger.info("Generating one slice for each of the %d %s captions", len(captions), self.split)
         fake = self.generate(captions)
         reconstructed = self.reconstruct(real)
         intensity = compare_intensities(real.numpy(), fake.numpy(), seed=self.seed)
